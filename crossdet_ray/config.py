@@ -1,0 +1,53 @@
+"""Training configuration: the seed script's flags and defaults as one dataclass.
+
+A `TrainConfig` travels from the CLI through Ray Tune into every trial, and is stored in each
+checkpoint, so it converts to and from a dict of plain types (no tensors, no paths objects).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+BACKBONES: tuple[str, ...] = ("mit_b0", "mit_b1", "mit_b2", "mit_b4", "mit_b5")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one backbone's training needs; defaults are CrossAttentionDet's."""
+
+    data: str | None = None  # dataset folder with images/ and labels/; None = built-in synthetic
+    epochs: int = 30
+    batch_size: int = 2
+    lr: float = 0.005
+    lr_step_size: int = 10
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    num_workers: int = 4
+    backbones: list[str] = field(default_factory=lambda: list(BACKBONES))
+    log_dir: str = "training_logs"
+    min_size: int = 800
+    max_size: int = 1333
+    test_size: float = 0.2
+    split_seed: int = 42
+    seed: int = 0  # torch / python RNG seed for weights and shuffling
+    pretrained: str | None = None  # local SegFormer MiT weights file, loaded into both streams
+    device: str = "auto"  # "auto" = CUDA when visible, else CPU
+    evaluate_every_epoch: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from a dict, ignoring keys this version does not know (older/newer checkpoints)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in known}
+        if "backbones" in kwargs:
+            kwargs["backbones"] = list(kwargs["backbones"])
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
