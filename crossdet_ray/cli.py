@@ -1,0 +1,126 @@
+"""Command line: the seed script's flags plus Ray's, parsed into a LaunchConfig and launched.
+
+A user mistake (bad data, bad flag, impossible resources) ends in one line on stderr and a
+non-zero exit; only a bug shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from crossdet_ray.config import BACKBONES, TrainConfig
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="all_backbones.py",
+        description="Train CrossAttentionDet backbones at once, each a Ray Tune trial.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    seed = parser.add_argument_group("training (the reference script's flags)")
+    seed.add_argument("--data", default=None,
+                      help="data directory with images/ and labels/; default: built-in "
+                           "synthetic RGB-thermal-event data")
+    seed.add_argument("--epochs", type=int, default=defaults.epochs)
+    seed.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    seed.add_argument("--lr", type=float, default=defaults.lr)
+    seed.add_argument("--lr-step-size", type=int, default=defaults.lr_step_size)
+    seed.add_argument("--lr-gamma", type=float, default=defaults.lr_gamma)
+    seed.add_argument("--num-workers", type=int, default=defaults.num_workers)
+    seed.add_argument("--backbones", nargs="+", default=list(BACKBONES), metavar="NAME",
+                      help=f"backbones to train: {' '.join(BACKBONES)}")
+    seed.add_argument("--log-dir", default=defaults.log_dir,
+                      help="where runs go: a folder, a shared filesystem, s3:// or gs://")
+    seed.add_argument("--min-size", type=int, default=defaults.min_size,
+                      help="detector resize: shorter side")
+    seed.add_argument("--max-size", type=int, default=defaults.max_size,
+                      help="detector resize: longer side cap")
+    seed.add_argument("--pretrained", default=None,
+                      help="local SegFormer MiT ImageNet weights, loaded into both streams")
+    seed.add_argument("--seed", type=int, default=defaults.seed, help="weights/shuffle seed")
+
+    ray_group = parser.add_argument_group("Ray Tune")
+    ray_group.add_argument("--gpus-per-trial", default="auto",
+                           help="GPUs per trial: a number (0.2 puts five on one GPU), per "
+                                "backbone (mit_b4=1,mit_b5=1,default=0.5), or auto")
+    ray_group.add_argument("--cpus-per-trial", type=float, default=None,
+                           help="CPUs per trial (default: the cluster's CPUs shared out)")
+    ray_group.add_argument("--address", default=None,
+                           help="join a running Ray cluster (default: RAY_ADDRESS, else a "
+                                "local Ray for this run)")
+    ray_group.add_argument("--name", default=None, help="run name (default run_YYYYmmdd_HHMMSS)")
+    ray_group.add_argument("--resume", default=None, metavar="RUN_DIR",
+                           help="continue an interrupted run from its directory")
+    ray_group.add_argument("--max-failures", type=int, default=2,
+                           help="restarts of a crashed trial from its last checkpoint")
+    ray_group.add_argument("--lr-grid", nargs="+", type=float, default=[], metavar="M",
+                           help="LR search: every backbone x (lr x M)")
+    ray_group.add_argument("--scheduler", choices=("fifo", "asha"), default="fifo",
+                           help="asha stops unpromising trials early on test mAP")
+    ray_group.add_argument("--keep-checkpoints", type=int, default=None, metavar="N",
+                           help="keep only the last N epoch checkpoints (best and final stay)")
+    ray_group.add_argument("--dashboard-host", default="127.0.0.1",
+                           help="interface the local Ray dashboard binds to")
+    ray_group.add_argument("--no-dashboard", action="store_true",
+                           help="do not start Ray's dashboard for a local run")
+    ray_group.add_argument("--autoscaling", action="store_true",
+                           help="the cluster adds nodes on demand: do not reject requests the "
+                                "current nodes cannot hold")
+    ray_group.add_argument("--synthetic-images", type=int, default=64,
+                           help="frames in the built-in dataset (without --data)")
+    ray_group.add_argument("--synthetic-frame-size", type=int, default=None,
+                           help="square frames of this size for the built-in dataset "
+                                "(default: the real dataset's sizes)")
+    ray_group.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
+                           help="Tune's progress output")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    from crossdet_ray.tune.launcher import LaunchConfig
+
+    train = TrainConfig(
+        data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        lr_step_size=args.lr_step_size, lr_gamma=args.lr_gamma, num_workers=args.num_workers,
+        backbones=list(args.backbones), log_dir=args.log_dir, min_size=args.min_size,
+        max_size=args.max_size, pretrained=args.pretrained, seed=args.seed,
+    )
+    return LaunchConfig(
+        train=train, name=args.name, gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial, address=args.address, resume=args.resume,
+        max_failures=args.max_failures, lr_grid=list(args.lr_grid), scheduler=args.scheduler,
+        keep_checkpoints=args.keep_checkpoints, dashboard=not args.no_dashboard,
+        dashboard_host=args.dashboard_host, autoscaling=args.autoscaling,
+        synthetic_images=args.synthetic_images, synthetic_frame_size=args.synthetic_frame_size,
+        verbose=args.verbose,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from crossdet_ray.data import DatasetError
+    from crossdet_ray.engine.checkpoint import CheckpointError
+    from crossdet_ray.tune.launcher import LaunchError, launch
+    from crossdet_ray.tune.resources import ResourceError
+    from crossdet_ray.tune.summary import format_table
+
+    try:
+        outcome = launch(config_from_args(args))
+    except (LaunchError, ResourceError, DatasetError, CheckpointError) as error:
+        print(f"crossdet_ray: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(format_table(outcome.summary))
+    print(f"Run directory: {outcome.run_dir}")
+    if outcome.interrupted:
+        print(f"Interrupted: continue with --resume {outcome.run_dir}", file=sys.stderr)
+    return outcome.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

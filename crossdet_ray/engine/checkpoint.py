@@ -1,0 +1,88 @@
+"""The CrossAttentionDet checkpoint dict, and loading one safely.
+
+The reference stores {'epoch', 'backbone', 'model_state_dict', 'optimizer_state_dict',
+'scheduler_state_dict', 'loss', 'best_loss', 'best_epoch', 'config'}; we store the same keys
+(plus a `history` of plain lists) so checkpoints move both ways, and only plain types so that
+`torch.load(..., weights_only=True)` accepts them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_KEYS = (
+    "epoch",
+    "backbone",
+    "model_state_dict",
+    "optimizer_state_dict",
+    "scheduler_state_dict",
+    "loss",
+    "best_loss",
+    "best_epoch",
+    "config",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: missing, unreadable or of another backbone."""
+
+
+def epoch_checkpoint_name(epoch: int, loss: float) -> str:
+    """The reference's file name, e.g. `epoch_001_loss_2.3456.pth`."""
+    return f"epoch_{epoch:03d}_loss_{loss:.4f}.pth"
+
+
+def build_checkpoint(
+    *,
+    epoch: int,
+    backbone: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss: float,
+    best_loss: float,
+    best_epoch: int,
+    config: dict[str, Any],
+    history: dict[str, list],
+    num_classes: int,
+) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "backbone": backbone,
+        "model_state_dict": model.state_dict(),
+        "optimizer_state_dict": optimizer.state_dict(),
+        "scheduler_state_dict": scheduler.state_dict(),
+        "loss": float(loss),
+        "best_loss": float(best_loss),
+        "best_epoch": int(best_epoch),
+        "config": dict(config),
+        "history": {k: list(v) for k, v in history.items()},
+        "num_classes": int(num_classes),
+    }
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with weights_only=True; a clear CheckpointError when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for a corrupt or foreign file
+        raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from error
+    return validate_checkpoint(checkpoint, str(path))
+
+
+def validate_checkpoint(checkpoint: Any, source: str) -> dict[str, Any]:
+    if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"{source} is not a CrossAttentionDet checkpoint (no 'model_state_dict'); "
+            "a weights-only file cannot resume training"
+        )
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{source} lacks {', '.join(missing)}; it cannot resume training")
+    return checkpoint

@@ -1,0 +1,328 @@
+"""Training of one backbone: a plain loop over a data loader, as torchvision's references do.
+
+`fit` is what one Ray Tune trial runs, but it knows nothing about Ray: progress leaves through a
+`TrainingListener` (the trial reporter in `crossdet_ray.tune`, or the seed-layout writer when
+training without Ray), and a checkpoint dict comes in to resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import DataLoader
+
+from crossdet_ray.config import TrainConfig
+from crossdet_ray.data import NpyYoloDataset, collate_detection
+from crossdet_ray.engine.checkpoint import build_checkpoint, validate_checkpoint
+from crossdet_ray.engine.evaluate import evaluate_coco, measure_inference
+from crossdet_ray.models import build_detector, count_parameters
+
+logger = logging.getLogger(__name__)
+
+LOSS_COMPONENTS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
+@dataclass
+class BatchMetrics:
+    epoch: int
+    batch: int
+    loss: float
+    loss_classifier: float
+    loss_box_reg: float
+    loss_objectness: float
+    loss_rpn_box_reg: float
+    timestamp: str
+    batch_time_sec: float
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    avg_loss: float
+    total_loss: float
+    epoch_time_sec: float
+    learning_rate: float
+    is_best: bool
+    loss_classifier: float
+    loss_box_reg: float
+    loss_objectness: float
+    loss_rpn_box_reg: float
+    images_per_sec: float
+    map: float | None
+    map50: float | None
+    map75: float | None
+    eval_time_sec: float
+    peak_memory_mb: float
+    best_epoch: int
+    best_loss: float
+    timestamp: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainingSummary:
+    """What one backbone's training produced, for training_info.json and the run summary."""
+
+    backbone: str
+    num_classes: int
+    num_parameters: int
+    device: str
+    epochs_completed: int
+    best_epoch: int
+    best_loss: float
+    final_loss: float
+    map: float | None  # of the best epoch
+    map50: float | None
+    map75: float | None
+    train_images_per_sec: float
+    infer_ms_per_image: float
+    fps: float
+    total_time_sec: float
+    history: dict[str, list] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TrainingListener(Protocol):
+    """Receives progress; the trial reporter and the plain seed-layout writer implement it."""
+
+    def on_train_start(self, info: dict[str, Any]) -> None: ...
+
+    def on_batch_end(self, metrics: BatchMetrics) -> None: ...
+
+    def on_epoch_end(self, metrics: EpochMetrics, checkpoint: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, summary: TrainingSummary, checkpoint: dict[str, Any]) -> None: ...
+
+
+class NullListener:
+    def on_train_start(self, info): pass
+
+    def on_batch_end(self, metrics): pass
+
+    def on_epoch_end(self, metrics, checkpoint): pass
+
+    def on_train_end(self, summary, checkpoint): pass
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """CUDA when visible, else CPU; a CUDA request CUDA cannot honour falls back loudly."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        logger.warning("device %s was requested but CUDA sees no GPU: training on the CPU",
+                       requested)
+        return torch.device("cpu")
+    return device
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _now() -> str:
+    return datetime.now().isoformat(timespec="seconds")
+
+
+def _epoch_seed(config: TrainConfig, epoch: int) -> int:
+    # Seeding every epoch from (seed, epoch) makes a resumed run draw the same shuffles and
+    # drop-path masks as an uninterrupted one, without storing RNG state in checkpoints.
+    return config.seed * 1_000_003 + epoch
+
+
+def build_datasets(config: TrainConfig, data_dir: str):
+    train_set = NpyYoloDataset(data_dir, split="train", test_size=config.test_size,
+                               seed=config.split_seed)
+    test_set = NpyYoloDataset(data_dir, split="test", test_size=config.test_size,
+                              seed=config.split_seed)
+    return train_set, test_set
+
+
+def build_model(config: TrainConfig, backbone: str, num_classes: int) -> torch.nn.Module:
+    torch.manual_seed(config.seed)
+    return build_detector(backbone, num_classes=num_classes, pretrained=config.pretrained,
+                          min_size=config.min_size, max_size=config.max_size)
+
+
+def build_optimizer(config: TrainConfig, model: torch.nn.Module):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step_size,
+                                                gamma=config.lr_gamma)
+    return optimizer, scheduler
+
+
+def train_one_epoch(model, optimizer, loader, device, epoch: int, listener) -> dict[str, float]:
+    """One pass over the loader; returns the epoch's loss sums and image count."""
+    model.train()
+    sums = dict.fromkeys(("loss",) + LOSS_COMPONENTS, 0.0)
+    batches = images_seen = 0
+    for batch_index, (images, targets) in enumerate(loader, start=1):
+        batch_start = time.perf_counter()
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        loss_dict = model(images, targets)
+        loss = sum(loss_dict.values())
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"the loss became {loss_value} at epoch {epoch}, batch {batch_index}: training "
+                "diverged; lower --lr (e.g. --lr 0.001) or check the data"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        components = {name: float(loss_dict[name].detach()) for name in LOSS_COMPONENTS}
+        sums["loss"] += loss_value
+        for name, value in components.items():
+            sums[name] += value
+        batches += 1
+        images_seen += len(images)
+        listener.on_batch_end(BatchMetrics(
+            epoch=epoch, batch=batch_index, loss=loss_value, timestamp=_now(),
+            batch_time_sec=time.perf_counter() - batch_start, **components))
+    return {**sums, "batches": batches, "images": images_seen}
+
+
+def fit(
+    config: TrainConfig,
+    backbone: str,
+    data_dir: str,
+    listener: TrainingListener | None = None,
+    resume_from: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> TrainingSummary:
+    """Train `backbone` for `config.epochs` epochs, resuming after `resume_from` when given."""
+    listener = listener or NullListener()
+    device = device or select_device(config.device)
+    run_start = time.perf_counter()
+
+    train_set, test_set = build_datasets(config, data_dir)
+    num_classes = max(train_set.num_classes, test_set.num_classes) + 1  # + background
+    model = build_model(config, backbone, num_classes).to(device)
+    optimizer, scheduler = build_optimizer(config, model)
+
+    history: dict[str, list] = {"epoch_losses": [], "epoch_times": [], "learning_rates": [],
+                                "images_per_sec": [], "map": [], "map50": [], "map75": []}
+    start_epoch, best_loss, best_epoch = 1, math.inf, 0
+    if resume_from is not None:
+        checkpoint = validate_checkpoint(resume_from, "the resume checkpoint")
+        if checkpoint["backbone"] != backbone:
+            raise ValueError(f"the resume checkpoint is of {checkpoint['backbone']}, not {backbone}")
+        model.load_state_dict(checkpoint["model_state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+        scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+        start_epoch = int(checkpoint["epoch"]) + 1
+        best_loss, best_epoch = float(checkpoint["best_loss"]), int(checkpoint["best_epoch"])
+        history.update({k: list(v) for k, v in checkpoint.get("history", {}).items()})
+        logger.info("%s: resuming at epoch %d of %d", backbone, start_epoch, config.epochs)
+
+    num_parameters = count_parameters(model)
+    listener.on_train_start({
+        "backbone": backbone, "num_classes": num_classes, "num_parameters": num_parameters,
+        "device": str(device), "train_images": len(train_set), "test_images": len(test_set),
+        "start_epoch": start_epoch,
+    })
+
+    generator = torch.Generator()
+    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True,
+                              num_workers=config.num_workers, collate_fn=collate_detection,
+                              generator=generator, pin_memory=device.type == "cuda",
+                              persistent_workers=False)
+    test_loader = DataLoader(test_set, batch_size=config.batch_size, shuffle=False,
+                             num_workers=config.num_workers, collate_fn=collate_detection)
+
+    checkpoint: dict[str, Any] | None = None
+    for epoch in range(start_epoch, config.epochs + 1):
+        torch.manual_seed(_epoch_seed(config, epoch))
+        generator.manual_seed(_epoch_seed(config, epoch))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        learning_rate = optimizer.param_groups[0]["lr"]
+        epoch_start = time.perf_counter()
+        sums = train_one_epoch(model, optimizer, train_loader, device, epoch, listener)
+        epoch_time = time.perf_counter() - epoch_start
+        scheduler.step()
+
+        eval_start = time.perf_counter()
+        metrics = (evaluate_coco(model, test_loader, device, num_classes)
+                   if config.evaluate_every_epoch and len(test_set) else None)
+        eval_time = time.perf_counter() - eval_start
+
+        batches = max(sums["batches"], 1)
+        avg_loss = sums["loss"] / batches
+        is_best = avg_loss < best_loss
+        if is_best:
+            best_loss, best_epoch = avg_loss, epoch
+        images_per_sec = sums["images"] / epoch_time if epoch_time > 0 else 0.0
+        for key, value in (("epoch_losses", avg_loss), ("epoch_times", epoch_time),
+                           ("learning_rates", learning_rate), ("images_per_sec", images_per_sec),
+                           ("map", metrics.map if metrics else None),
+                           ("map50", metrics.map50 if metrics else None),
+                           ("map75", metrics.map75 if metrics else None)):
+            history[key].append(value)
+
+        epoch_metrics = EpochMetrics(
+            epoch=epoch, avg_loss=avg_loss, total_loss=sums["loss"], epoch_time_sec=epoch_time,
+            learning_rate=learning_rate, is_best=is_best,
+            **{name: sums[name] / batches for name in LOSS_COMPONENTS},
+            images_per_sec=images_per_sec,
+            map=metrics.map if metrics else None, map50=metrics.map50 if metrics else None,
+            map75=metrics.map75 if metrics else None, eval_time_sec=eval_time,
+            peak_memory_mb=peak_memory_mb(device), best_epoch=best_epoch, best_loss=best_loss,
+            timestamp=_now(),
+        )
+        checkpoint = build_checkpoint(
+            epoch=epoch, backbone=backbone, model=model, optimizer=optimizer, scheduler=scheduler,
+            loss=avg_loss, best_loss=best_loss, best_epoch=best_epoch, config=config.to_dict(),
+            history=history, num_classes=num_classes)
+        logger.info("%s epoch %d/%d: loss %.4f, lr %g, %.1fs, %.2f img/s, mAP %s", backbone,
+                    epoch, config.epochs, avg_loss, learning_rate, epoch_time, images_per_sec,
+                    "n/a" if metrics is None else f"{metrics.map:.4f}")
+        listener.on_epoch_end(epoch_metrics, checkpoint)
+
+    if checkpoint is None:  # resumed after the last epoch: only the final files are missing
+        checkpoint = build_checkpoint(
+            epoch=start_epoch - 1, backbone=backbone, model=model, optimizer=optimizer,
+            scheduler=scheduler, loss=history["epoch_losses"][-1] if history["epoch_losses"]
+            else math.nan, best_loss=best_loss, best_epoch=best_epoch, config=config.to_dict(),
+            history=history, num_classes=num_classes)
+
+    timing = measure_inference(model, test_set, device)
+    epochs_done = len(history["epoch_losses"])
+    best_index = best_epoch - 1 if 0 < best_epoch <= epochs_done else None
+
+    def at_best(key):
+        return history[key][best_index] if best_index is not None else None
+
+    speeds = [v for v in history["images_per_sec"] if v]
+    summary = TrainingSummary(
+        backbone=backbone, num_classes=num_classes, num_parameters=num_parameters,
+        device=str(device), epochs_completed=epochs_done, best_epoch=best_epoch,
+        best_loss=best_loss, final_loss=history["epoch_losses"][-1] if epochs_done else math.nan,
+        map=at_best("map"), map50=at_best("map50"), map75=at_best("map75"),
+        train_images_per_sec=sum(speeds) / len(speeds) if speeds else 0.0,
+        infer_ms_per_image=timing.infer_ms_per_image, fps=timing.fps,
+        total_time_sec=time.perf_counter() - run_start, history=history,
+    )
+    listener.on_train_end(summary, checkpoint)
+    return summary

@@ -1,0 +1,100 @@
+"""The detector: dual-stream encoder + FPN as a torchvision backbone, inside Faster R-CNN."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from crossdet_ray.models.encoder import DualStreamMiT, get_encoder
+
+logger = logging.getLogger(__name__)
+
+FPN_CHANNELS = 256
+IMAGE_MEAN = (0.485, 0.456, 0.406, 0.5, 0.5)  # RGB: ImageNet's; thermal, event: centred
+IMAGE_STD = (0.229, 0.224, 0.225, 0.5, 0.5)
+ANCHOR_SIZES = ((32,), (64,), (128,), (256,), (512,))
+FEATURE_NAMES = ["0", "1", "2", "3", "pool"]
+
+
+class CrossAttentionBackbone(nn.Module):
+    """(B, 5, H, W) normalised frames -> FPN maps '0'..'3' and 'pool'."""
+
+    def __init__(self, encoder: DualStreamMiT, fpn_out_channels: int = FPN_CHANNELS):
+        super().__init__()
+        self.encoder = encoder
+        self.fpn = FeaturePyramidNetwork(list(encoder.embed_dims), fpn_out_channels,
+                                         extra_blocks=LastLevelMaxPool())
+        self.out_channels = fpn_out_channels
+
+    def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        fused = self.encoder(images[:, :3], images[:, 3:])
+        return self.fpn(OrderedDict((str(i), feature) for i, feature in enumerate(fused)))
+
+
+def build_detector(backbone: str, num_classes: int, pretrained: str | None = None,
+                   fused_attention: bool = True, **kwargs) -> FasterRCNN:
+    """Faster R-CNN over the named backbone; `kwargs` reach FasterRCNN (min_size, ...)."""
+    encoder = get_encoder(backbone, fused_attention=fused_attention)
+    if pretrained:
+        load_pretrained_mit(encoder, pretrained)
+    anchors = AnchorGenerator(sizes=ANCHOR_SIZES, aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    roi_pool = MultiScaleRoIAlign(featmap_names=FEATURE_NAMES, output_size=7, sampling_ratio=2)
+    kwargs.setdefault("image_mean", list(IMAGE_MEAN))
+    kwargs.setdefault("image_std", list(IMAGE_STD))
+    return FasterRCNN(CrossAttentionBackbone(encoder), num_classes=num_classes,
+                      rpn_anchor_generator=anchors, box_roi_pool=roi_pool, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_pretrained_mit(encoder: DualStreamMiT, path: str | Path) -> dict[str, list[str]]:
+    """Load SegFormer MiT ImageNet weights from a local file into both streams.
+
+    The X stream's first conv has 2 input channels: it gets the mean of the RGB kernel over
+    its 3 input channels, repeated. Nothing is ever downloaded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"pretrained weights {path} do not exist; pass a local SegFormer MiT "
+                         "file (e.g. mit_b2.pth)")
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"pretrained weights {path} cannot be read: {error}") from error
+    for key in ("state_dict", "model"):
+        if isinstance(weights, dict) and isinstance(weights.get(key), dict):
+            weights = weights[key]
+    own = encoder.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        if name.startswith("head.") or name not in own:
+            continue
+        mapped[name] = tensor
+        extra = f"extra_{name}"
+        if extra in own:
+            if name == "patch_embed1.proj.weight" and tensor.shape[1] != own[extra].shape[1]:
+                in_x = own[extra].shape[1]
+                tensor = tensor.mean(dim=1, keepdim=True).repeat(1, in_x, 1, 1)
+            mapped[extra] = tensor
+    if not mapped:
+        raise ValueError(f"pretrained weights {path} hold no MiT keys (patch_embed1.proj.weight, "
+                         "block1.0.attn.q.weight, ...); is it a SegFormer MiT checkpoint?")
+    mismatched = [k for k, t in mapped.items() if t.shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f"pretrained weights {path} do not fit this backbone: "
+                         f"{', '.join(mismatched[:5])} differ in shape; pick the matching mit_bN")
+    result = encoder.load_state_dict(mapped, strict=False)
+    loaded = sorted(mapped)
+    logger.info("loaded %d pretrained tensors from %s (%d encoder tensors left at init)",
+                len(loaded), path, len(result.missing_keys))
+    return {"loaded": loaded, "missing": list(result.missing_keys)}

@@ -1,0 +1,52 @@
+"""Where a trial finds its data: the user's folder, or the built-in synthetic set.
+
+The synthetic set is deterministic per (size, seed), so a node that lacks it (a fresh cloud
+worker) makes the same bytes itself instead of copying them from the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from crossdet_ray.synthetic import generate_dataset
+
+DEFAULT_CACHE = Path(os.environ.get("CROSSDET_CACHE", Path.home() / ".cache" / "crossdet_ray"))
+
+
+def synthetic_spec(num_images: int, seed: int, frame_size: int | None = None) -> dict[str, Any]:
+    return {"kind": "synthetic", "num_images": num_images, "seed": seed, "frame_size": frame_size}
+
+
+def folder_spec(path: str) -> dict[str, Any]:
+    return {"kind": "folder", "path": str(Path(path).expanduser().resolve())}
+
+
+def synthetic_dir(spec: dict[str, Any], cache: Path = DEFAULT_CACHE) -> Path:
+    size = spec.get("frame_size")
+    suffix = f"_{size}px" if size else ""
+    return cache / f"synthetic_n{spec['num_images']}_seed{spec['seed']}{suffix}"
+
+
+def ensure_dataset(spec: dict[str, Any], cache: Path = DEFAULT_CACHE) -> str:
+    """Path of the dataset a spec names, generating the synthetic one when it is missing."""
+    if spec["kind"] == "folder":
+        return spec["path"]
+    target = synthetic_dir(spec, cache)
+    if (target / "labels").is_dir():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Generate beside the target and rename: trials starting together on one node never
+    # see (or make) a half-written dataset.
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    size = spec.get("frame_size")
+    generate_dataset(staging, spec["num_images"], seed=spec["seed"],
+                     sizes=[(size, size)] if size else None)
+    try:
+        os.rename(staging, target)
+    except OSError:  # another trial won the race; its copy is identical
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)

@@ -1,0 +1,341 @@
+"""Builds and runs the Tuner: one trial per backbone (x LR multiplier), on a local or remote Ray.
+
+The run directory is Tune's experiment directory (`LOG_DIR/NAME`), so `Tuner.restore`,
+`ResultGrid` and TensorBoard work on it, and our own files live beside Tune's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from crossdet_ray.config import TrainConfig
+from crossdet_ray.data import check_dataset
+from crossdet_ray.engine.run_logs import dumps_json
+from crossdet_ray.engine.storage import RunStorage
+from crossdet_ray.tune.datasets import ensure_dataset, folder_spec, synthetic_spec
+from crossdet_ray.tune.resources import (
+    DEFAULT_GPU_MEMORY_GB,
+    ClusterShape,
+    ResourceError,
+    check_feasible,
+    parse_gpus_per_trial,
+    plan_resources,
+)
+from crossdet_ray.tune.summary import build_final_summary, write_summary_files
+from crossdet_ray.tune.trainable import train_backbone
+
+logger = logging.getLogger(__name__)
+
+RUN_CONFIG_FILE = "run_config.json"
+
+
+class LaunchError(ValueError):
+    """A user mistake found before any trial starts; the CLI prints it and exits non-zero."""
+
+
+@dataclass
+class LaunchConfig:
+    """Everything the command line says about a run, beyond one trial's TrainConfig."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str | None = None
+    gpus_per_trial: str = "auto"
+    cpus_per_trial: float | None = None
+    address: str | None = None
+    resume: str | None = None
+    max_failures: int = 2
+    lr_grid: list[float] = field(default_factory=list)
+    scheduler: str = "fifo"
+    keep_checkpoints: int | None = None
+    dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    autoscaling: bool = False
+    synthetic_images: int = 64
+    synthetic_seed: int = 0
+    synthetic_frame_size: int | None = None
+    verbose: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["train"] = self.train.to_dict()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LaunchConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in known}
+        kwargs["train"] = TrainConfig.from_dict(values.get("train", {}))
+        return cls(**kwargs)
+
+
+@dataclass
+class TrialSpec:
+    name: str
+    backbone: str
+    lr: float
+
+
+@dataclass
+class RunOutcome:
+    run_dir: str
+    summary: dict[str, Any]
+    interrupted: bool
+    dashboard_url: str | None
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 0 if self.summary["num_failed"] == 0 else 1
+
+
+def trial_specs(backbones: list[str], lr: float, lr_grid: list[float]) -> list[TrialSpec]:
+    """Every backbone, or every backbone x (lr x multiplier) for an LR search."""
+    if not lr_grid:
+        return [TrialSpec(b, b, lr) for b in backbones]
+    return [TrialSpec(f"{b}_lr{lr * m:g}", b, lr * m) for b in backbones for m in lr_grid]
+
+
+def default_run_name() -> str:
+    return datetime.now().strftime("run_%Y%m%d_%H%M%S")
+
+
+def storage_root(log_dir: str) -> str:
+    """Tune's storage_path: a URI as given, a local folder made absolute."""
+    return log_dir if "://" in log_dir else str(Path(log_dir).expanduser().resolve())
+
+
+# -- Ray ---------------------------------------------------------------------------------------
+def connect_ray(config: LaunchConfig) -> str | None:
+    """Join `--address` / RAY_ADDRESS, or start a local Ray with its dashboard on 127.0.0.1."""
+    if ray.is_initialized():
+        return None
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            context = ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            context = ray.init(include_dashboard=config.dashboard,
+                               dashboard_host=config.dashboard_host,
+                               logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise LaunchError(f"cannot start or reach {where}: {error}; check --address / "
+                          "RAY_ADDRESS (or unset it for a local run)") from error
+    url = getattr(context, "dashboard_url", None)
+    if url and not url.startswith("http"):
+        url = f"http://{url}"
+    return url or None
+
+
+def cluster_shape() -> ClusterShape:
+    nodes = tuple(
+        {"CPU": float(n["Resources"].get("CPU", 0)), "GPU": float(n["Resources"].get("GPU", 0))}
+        for n in ray.nodes() if n.get("Alive")
+    )
+    gpu_memory = DEFAULT_GPU_MEMORY_GB
+    if torch.cuda.is_available():
+        gpu_memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return ClusterShape(total_cpus=sum(n["CPU"] for n in nodes),
+                        total_gpus=sum(n["GPU"] for n in nodes), nodes=nodes,
+                        gpu_memory_gb=gpu_memory)
+
+
+def _trial_bundle(config: dict[str, Any]) -> tune.PlacementGroupFactory:
+    share = config["resources"][config["trial"]["backbone"]]
+    bundle = {"CPU": share["cpu"]}
+    if share["gpu"]:
+        bundle["GPU"] = share["gpu"]
+    return tune.PlacementGroupFactory([bundle])
+
+
+def _trial_dirname(trial) -> str:
+    return trial.config["trial"]["name"]
+
+
+TRAINABLE = tune.with_resources(train_backbone, resources=_trial_bundle)
+
+
+# -- validation --------------------------------------------------------------------------------
+def validate(config: LaunchConfig) -> None:
+    from crossdet_ray.models import BACKBONE_NAMES
+
+    train = config.train
+    unknown = [b for b in train.backbones if b not in BACKBONE_NAMES]
+    if unknown:
+        raise LaunchError(f"--backbones: unknown {', '.join(unknown)}; "
+                          f"choose from {', '.join(BACKBONE_NAMES)}")
+    if not train.backbones:
+        raise LaunchError("--backbones: name at least one backbone")
+    if len(set(train.backbones)) != len(train.backbones):
+        raise LaunchError("--backbones: a backbone is named twice")
+    positive = {"--epochs": train.epochs, "--batch-size": train.batch_size,
+                "--lr-step-size": train.lr_step_size, "--min-size": train.min_size,
+                "--max-size": train.max_size}
+    for flag, value in positive.items():
+        if value < 1:
+            raise LaunchError(f"{flag} must be at least 1 (got {value})")
+    if not train.lr > 0:
+        raise LaunchError(f"--lr must be > 0 (got {train.lr})")
+    if not train.lr_gamma > 0:
+        raise LaunchError(f"--lr-gamma must be > 0 (got {train.lr_gamma})")
+    if train.num_workers < 0:
+        raise LaunchError(f"--num-workers must be >= 0 (got {train.num_workers})")
+    if train.min_size > train.max_size:
+        raise LaunchError(f"--min-size {train.min_size} is larger than --max-size {train.max_size}")
+    if any(not m > 0 for m in config.lr_grid):
+        raise LaunchError("--lr-grid: every multiplier must be > 0")
+    if config.max_failures < 0:
+        raise LaunchError("--max-failures must be >= 0")
+    if config.keep_checkpoints is not None and config.keep_checkpoints < 1:
+        raise LaunchError("--keep-checkpoints must be at least 1")
+    if config.scheduler not in ("fifo", "asha"):
+        raise LaunchError("--scheduler: choose fifo or asha")
+    if config.scheduler == "asha" and not train.evaluate_every_epoch:
+        raise LaunchError("--scheduler asha needs the per-epoch test mAP")
+    if train.pretrained and not Path(train.pretrained).is_file():
+        raise LaunchError(f"--pretrained: {train.pretrained} does not exist")
+
+
+def resolve_data(config: LaunchConfig) -> dict[str, Any]:
+    """Preflight the dataset (the synthetic one is made first); a DatasetError stops the run."""
+    if config.train.data:
+        spec = folder_spec(config.train.data)
+    else:
+        spec = synthetic_spec(config.synthetic_images, config.synthetic_seed,
+                              config.synthetic_frame_size)
+        logger.info("no --data given: using the built-in synthetic RGB-thermal-event dataset "
+                    "(%d frames, seed %d)", config.synthetic_images, config.synthetic_seed)
+    data_dir = ensure_dataset(spec)
+    report = check_dataset(data_dir)
+    logger.info("dataset %s: %d usable frames of %d, %d boxes, %d classes", data_dir,
+                report.num_usable, report.num_images, report.num_boxes, report.num_classes)
+    return {**spec, "resolved_path": data_dir, "report": _report_dict(report)}
+
+
+def _report_dict(report) -> dict[str, Any]:
+    values = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(vars(report))
+    return json.loads(json.dumps(values, default=str))
+
+
+# -- the run -----------------------------------------------------------------------------------
+def launch(config: LaunchConfig) -> RunOutcome:
+    """Run (or resume) every trial and write the cross-backbone summary."""
+    if config.resume:
+        return _resume(config)
+    validate(config)
+    config.name = config.name or default_run_name()
+    data = resolve_data(config)
+    request = parse_gpus_per_trial(config.gpus_per_trial, config.train.backbones)
+
+    dashboard_url = connect_ray(config)
+    shape = cluster_shape()
+    per_backbone = max(len(config.lr_grid), 1)
+    plan = plan_resources(request, config.train.backbones, per_backbone, shape,
+                          config.cpus_per_trial)
+    check_feasible(plan, shape, autoscaling=config.autoscaling)
+
+    specs = trial_specs(config.train.backbones, config.train.lr, config.lr_grid)
+    root = storage_root(config.train.log_dir)
+    run_storage = RunStorage.from_uri(root).child(config.name)
+    if run_storage.exists(RUN_CONFIG_FILE):
+        raise LaunchError(f"{run_storage.uri()} already holds a run; pass --resume "
+                          f"{run_storage.uri()} to continue it, or another --name")
+    param_space = {
+        "trial": tune.grid_search([dataclasses.asdict(s) for s in specs]),
+        "train": config.train.to_dict(),
+        "data": {k: v for k, v in data.items() if k != "report"},
+        "resources": {b: dataclasses.asdict(r) for b, r in plan.items()},
+        "keep_checkpoints": config.keep_checkpoints,
+    }
+    run_storage.write_text(RUN_CONFIG_FILE, dumps_json({
+        **config.to_dict(),
+        "trials": [dataclasses.asdict(s) for s in specs],
+        "resources": param_space["resources"],
+        "data": data,
+        "cluster": dataclasses.asdict(shape),
+        "ray_version": ray.__version__, "torch_version": torch.__version__,
+        "started": datetime.now().isoformat(timespec="seconds"),
+    }))
+    tuner = tune.Tuner(
+        TRAINABLE,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            scheduler=_scheduler(config), trial_dirname_creator=_trial_dirname,
+            trial_name_creator=_trial_dirname, reuse_actors=False),
+        run_config=tune.RunConfig(
+            name=config.name, storage_path=root, verbose=config.verbose,
+            failure_config=tune.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+    )
+    return _fit_and_summarise(tuner, config, run_storage, dashboard_url)
+
+
+def _scheduler(config: LaunchConfig):
+    if config.scheduler == "asha":
+        return ASHAScheduler(metric="map", mode="max", time_attr="training_iteration",
+                             max_t=config.train.epochs, grace_period=1, reduction_factor=2)
+    return FIFOScheduler()
+
+
+def _resume(config: LaunchConfig) -> RunOutcome:
+    run_uri = config.resume.rstrip("/")
+    if "://" not in run_uri:
+        run_uri = str(Path(run_uri).expanduser().resolve())
+    run_storage = RunStorage.from_uri(run_uri)
+    if not run_storage.exists(RUN_CONFIG_FILE):
+        raise LaunchError(f"--resume: {run_uri} holds no {RUN_CONFIG_FILE}; pass the run "
+                          "directory itself, e.g. training_logs/run_20251107_120000")
+    saved = json.loads(run_storage.read_text(RUN_CONFIG_FILE))
+    original = LaunchConfig.from_dict(saved)
+    # Where to run may change on resume; what to train may not.
+    original.address, original.resume = config.address, run_uri
+    original.dashboard, original.dashboard_host = config.dashboard, config.dashboard_host
+    if not tune.Tuner.can_restore(run_uri):
+        raise LaunchError(f"--resume: {run_uri} has no Tune experiment state to resume "
+                          "(the run stopped before its first trial started); start it again")
+    dashboard_url = connect_ray(original)
+    tuner = tune.Tuner.restore(run_uri, trainable=TRAINABLE, resume_unfinished=True,
+                               resume_errored=True)
+    return _fit_and_summarise(tuner, original, run_storage, dashboard_url)
+
+
+def _fit_and_summarise(tuner: tune.Tuner, config: LaunchConfig, run_storage: RunStorage,
+                       dashboard_url: str | None) -> RunOutcome:
+    if dashboard_url:
+        logger.info("Ray dashboard: %s", dashboard_url)
+    start = time.perf_counter()
+    interrupted = False
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        interrupted, results = True, None
+    wall_time = time.perf_counter() - start
+    summary = build_final_summary(run_storage, config.to_dict(), results, wall_time)
+    interrupted = interrupted or _was_interrupted(results)
+    summary["interrupted"] = interrupted
+    write_summary_files(run_storage, summary)
+    return RunOutcome(run_dir=run_storage.uri(), summary=summary, interrupted=interrupted,
+                      dashboard_url=dashboard_url)
+
+
+def _was_interrupted(results) -> bool:
+    """Tune returns normally after a SIGINT; unfinished trials without error tell it apart."""
+    if results is None:
+        return True
+    experiment = getattr(results, "_experiment_analysis", None)
+    trials = getattr(experiment, "trials", None) or []
+    return any(t.status not in ("TERMINATED", "ERROR") for t in trials)

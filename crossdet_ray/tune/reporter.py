@@ -1,0 +1,75 @@
+"""The trial reporter: one backbone's progress into Ray Tune and into the seed's files.
+
+Once per epoch it writes the seed's checkpoint and logs to the trial directory on Tune's storage
+(through `RunStorage`, so the files reach the run directory wherever the driver is), then calls
+`tune.report` with every epoch metric and a Tune checkpoint. The Tune checkpoint holds only a
+small pointer to the seed's `checkpoints/epoch_XXX_*.pth`, so each checkpoint is stored once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any
+
+from ray import tune
+
+from crossdet_ray.engine.run_logs import SeedLogWriter
+from crossdet_ray.engine.storage import RunStorage
+from crossdet_ray.engine.train import BatchMetrics, EpochMetrics, TrainingSummary
+
+POINTER_FILE = "crossdet_checkpoint.json"
+
+
+def report_metrics(metrics: EpochMetrics) -> dict[str, Any]:
+    """Tune's metrics: numbers only (None is dropped; booleans become 0/1 for TensorBoard)."""
+    values = {}
+    for key, value in metrics.as_dict().items():
+        if value is None or key == "timestamp":
+            continue
+        if isinstance(value, bool):
+            value = int(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            continue
+        values[key] = value
+    return values
+
+
+def read_checkpoint_pointer(checkpoint: tune.Checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as directory:
+        with open(os.path.join(directory, POINTER_FILE)) as handle:
+            return json.load(handle)
+
+
+def load_trial_checkpoint(checkpoint: tune.Checkpoint, trial_storage: RunStorage) -> dict[str, Any]:
+    """The seed checkpoint dict a Tune checkpoint points to (e.g. `ResultGrid[i].checkpoint`)."""
+    pointer = read_checkpoint_pointer(checkpoint)
+    return trial_storage.load_torch(pointer["path"])
+
+
+class TrialReporter:
+    """A `TrainingListener` that feeds Tune and writes the seed's files for one trial."""
+
+    def __init__(self, writer: SeedLogWriter):
+        self.writer = writer
+
+    def on_train_start(self, info: dict[str, Any]) -> None:
+        self.writer.on_train_start(info)
+
+    def on_batch_end(self, metrics: BatchMetrics) -> None:
+        self.writer.on_batch_end(metrics)
+
+    def on_epoch_end(self, metrics: EpochMetrics, checkpoint: dict[str, Any]) -> None:
+        # Files first: when Tune records the checkpoint, the file it names already exists.
+        self.writer.on_epoch_end(metrics, checkpoint)
+        with tempfile.TemporaryDirectory() as pointer_dir:
+            with open(os.path.join(pointer_dir, POINTER_FILE), "w") as handle:
+                json.dump({"epoch": metrics.epoch, "path": self.writer.last_checkpoint,
+                           "backbone": self.writer.backbone}, handle)
+            tune.report(report_metrics(metrics),
+                        checkpoint=tune.Checkpoint.from_directory(pointer_dir))
+
+    def on_train_end(self, summary: TrainingSummary, checkpoint: dict[str, Any]) -> None:
+        self.writer.on_train_end(summary, checkpoint)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv with torch, torchvision and crossdet_ray (with its test tools); safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+# Pinned torch/torchvision pairs that import together (PyPI's newest may not match a local torch).
+case "$(uname -m)" in
+    aarch64|arm64) TORCH="torch==2.9.1 torchvision==0.24.1" ;;
+    *) TORCH="torch==2.14.1 torchvision==0.29.1" ;;
+esac
+python -c "import torch, torchvision" 2>/dev/null || python -m pip install --quiet $TORCH
+python -m pip install --quiet -e ".[test]"
+python -c "import crossdet_ray, torch, torchvision, ray; print('crossdet_ray ready: torch', torch.__version__, '| ray', ray.__version__)"
