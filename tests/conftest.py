@@ -6,8 +6,7 @@ import os
 
 import pytest
 
-# Tests never use a GPU and must not oversubscribe CI's two cores.
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Tests must not oversubscribe CI's two cores (Ray trials run side by side).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

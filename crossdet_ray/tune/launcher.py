@@ -324,18 +324,22 @@ def _fit_and_summarise(tuner: tune.Tuner, config: LaunchConfig, run_storage: Run
     except KeyboardInterrupt:
         interrupted, results = True, None
     wall_time = time.perf_counter() - start
-    summary = build_final_summary(run_storage, config.to_dict(), results, wall_time)
-    interrupted = interrupted or _was_interrupted(results)
+    statuses = _saved_trial_statuses(run_storage)
+    # Tune returns normally after a SIGINT; it saves the unfinished trials as PENDING.
+    interrupted = interrupted or any(s not in ("TERMINATED", "ERROR") for s in statuses.values())
+    summary = build_final_summary(run_storage, config.to_dict(), results, wall_time, statuses)
     summary["interrupted"] = interrupted
     write_summary_files(run_storage, summary)
     return RunOutcome(run_dir=run_storage.uri(), summary=summary, interrupted=interrupted,
                       dashboard_url=dashboard_url)
 
 
-def _was_interrupted(results) -> bool:
-    """Tune returns normally after a SIGINT; unfinished trials without error tell it apart."""
-    if results is None:
-        return True
-    experiment = getattr(results, "_experiment_analysis", None)
-    trials = getattr(experiment, "trials", None) or []
-    return any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+def _saved_trial_statuses(run_storage: RunStorage) -> dict[str, str]:
+    """Each trial's status as Tune saved it in the experiment state, by trial name."""
+    try:
+        analysis = tune.ExperimentAnalysis(run_storage.uri(),
+                                           storage_filesystem=run_storage.filesystem)
+    except Exception as error:  # no state yet (interrupted before any trial started)
+        logger.warning("cannot read Tune's experiment state in %s: %s", run_storage.uri(), error)
+        return {}
+    return {trial.config["trial"]["name"]: trial.status for trial in analysis.trials}

@@ -43,8 +43,8 @@ def _tune_verdicts(results) -> dict[str, dict[str, Any]]:
     return verdicts
 
 
-def _trial_row(run_storage: RunStorage, spec: dict[str, Any],
-               verdict: dict[str, Any] | None) -> tuple[dict[str, Any], pd.DataFrame | None]:
+def _trial_row(run_storage: RunStorage, spec: dict[str, Any], verdict: dict[str, Any] | None,
+               tune_status: str | None) -> tuple[dict[str, Any], pd.DataFrame | None]:
     trial_storage = run_storage.child(spec["name"])
     info: dict[str, Any] = {}
     if trial_storage.exists("logs/training_info.json"):
@@ -57,9 +57,10 @@ def _trial_row(run_storage: RunStorage, spec: dict[str, Any],
     error = (verdict or {}).get("error") or info.get("error")
     if error and status != "completed":
         status = "failed"
+    elif status in ("running", "not_started") and tune_status in ("PENDING", "RUNNING", "PAUSED"):
+        status = "interrupted"  # resumable with --resume
     elif status == "running":
-        # Alive in its files but not finished: stopped early by ASHA, or interrupted.
-        status = "stopped" if verdict is not None else "interrupted"
+        status = "stopped"  # Tune ended it before its last epoch: ASHA's early stop
 
     best = {}
     if epochs is not None and len(epochs) and info.get("best_epoch"):
@@ -102,12 +103,14 @@ def _number(value: Any) -> float | None:
 
 
 def build_final_summary(run_storage: RunStorage, run_config: dict[str, Any], results,
-                        wall_time_sec: float) -> dict[str, Any]:
+                        wall_time_sec: float,
+                        tune_statuses: dict[str, str] | None = None) -> dict[str, Any]:
     saved = json.loads(run_storage.read_text("run_config.json"))
     verdicts = _tune_verdicts(results)
     rows, curves = [], []
     for spec in saved["trials"]:
-        row, epochs = _trial_row(run_storage, spec, verdicts.get(spec["name"]))
+        row, epochs = _trial_row(run_storage, spec, verdicts.get(spec["name"]),
+                                 (tune_statuses or {}).get(spec["name"]))
         rows.append(row)
         if epochs is not None:
             curves.append(epochs)
