@@ -35,13 +35,17 @@ class CrossAttentionBackbone(nn.Module):
         self.out_channels = fpn_out_channels
 
     def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        fused = self.encoder(images[:, :3], images[:, 3:])
+        fused = self.encoder.forward_5ch(images)
         return self.fpn(OrderedDict((str(i), feature) for i, feature in enumerate(fused)))
 
 
-def build_detector(backbone: str, num_classes: int, pretrained: str | None = None,
+def build_detector(backbone: str, num_classes: int, pretrained: str | Path | None = None,
                    fused_attention: bool = True, **kwargs) -> FasterRCNN:
-    """Faster R-CNN over the named backbone; `kwargs` reach FasterRCNN (min_size, ...)."""
+    """Faster R-CNN over the named backbone; `kwargs` reach FasterRCNN (min_size, ...).
+
+    `num_classes` counts the background class; `pretrained` is a local SegFormer MiT file
+    loaded into both streams (see `load_pretrained_mit`).
+    """
     encoder = get_encoder(backbone, fused_attention=fused_attention)
     if pretrained:
         load_pretrained_mit(encoder, pretrained)
@@ -54,14 +58,18 @@ def build_detector(backbone: str, num_classes: int, pretrained: str | None = Non
 
 
 def count_parameters(model: nn.Module) -> int:
+    """All parameters, trainable or not (the figure the reference's guide quotes)."""
     return sum(p.numel() for p in model.parameters())
 
 
 def load_pretrained_mit(encoder: DualStreamMiT, path: str | Path) -> dict[str, list[str]]:
     """Load SegFormer MiT ImageNet weights from a local file into both streams.
 
-    The X stream's first conv has 2 input channels: it gets the mean of the RGB kernel over
-    its 3 input channels, repeated. Nothing is ever downloaded.
+    The file holds one stream's names (`patch_embed1.proj.weight`, `block1.0.attn.q.weight`, ...),
+    as a raw state dict or nested under 'state_dict' / 'model'; `head.*` is ignored. Each tensor
+    goes to the RGB stream and to its `extra_` twin. The X stream's first conv has fewer input
+    channels than the RGB kernel: it gets that kernel's mean over its input channels, repeated.
+    Nothing is ever downloaded. Returns {'loaded', 'missing', 'ignored'} key lists.
     """
     path = Path(path)
     if not path.is_file():
@@ -74,10 +82,19 @@ def load_pretrained_mit(encoder: DualStreamMiT, path: str | Path) -> dict[str, l
     for key in ("state_dict", "model"):
         if isinstance(weights, dict) and isinstance(weights.get(key), dict):
             weights = weights[key]
+    if not isinstance(weights, dict):
+        raise ValueError(f"pretrained weights {path} hold a {type(weights).__name__}, "
+                         "not a state dict of MiT keys")
     own = encoder.state_dict()
     mapped: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
     for name, tensor in weights.items():
-        if name.startswith("head.") or name not in own:
+        name = name.removeprefix("module.")  # saved from DataParallel / DDP
+        # Only one stream's MiT names count: the classifier head and our own fusion or X-stream
+        # names (a file that is not SegFormer's) are left out.
+        if (name.startswith(("head.", "extra_", "FRMs.", "FFMs."))
+                or name not in own or not isinstance(tensor, torch.Tensor)):
+            ignored.append(name)
             continue
         mapped[name] = tensor
         extra = f"extra_{name}"
@@ -95,6 +112,7 @@ def load_pretrained_mit(encoder: DualStreamMiT, path: str | Path) -> dict[str, l
                          f"{', '.join(mismatched[:5])} differ in shape; pick the matching mit_bN")
     result = encoder.load_state_dict(mapped, strict=False)
     loaded = sorted(mapped)
-    logger.info("loaded %d pretrained tensors from %s (%d encoder tensors left at init)",
-                len(loaded), path, len(result.missing_keys))
-    return {"loaded": loaded, "missing": list(result.missing_keys)}
+    logger.info("loaded %d pretrained tensors from %s into both streams (%d encoder tensors "
+                "left at init, %d file keys ignored)", len(loaded), path,
+                len(result.missing_keys), len(ignored))
+    return {"loaded": loaded, "missing": list(result.missing_keys), "ignored": ignored}

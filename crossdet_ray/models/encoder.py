@@ -7,6 +7,7 @@ and `extra_*` for the X stream, as in CMX, so pretrained MiT weights load by nam
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,10 +44,30 @@ def get_variant(name: str) -> MitVariant:
     return MIT_VARIANTS[name]
 
 
+def _init_weights(module: nn.Module) -> None:
+    """SegFormer's (and CMX's) initialisation, so training from scratch starts where theirs does."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+        fan_out //= module.groups
+        nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 class DualStreamMiT(nn.Module):
+    """Two MiT streams (RGB, X) that meet after every stage: FRM rectifies, FFM fuses."""
+
     def __init__(self, variant: MitVariant, in_chans_rgb: int = 3, in_chans_x: int = 2,
                  fused_attention: bool = True):
         super().__init__()
+        self.in_chans_rgb, self.in_chans_x = in_chans_rgb, in_chans_x
         self.embed_dims = variant.embed_dims
         self.depths = variant.depths
         # Stochastic depth rises linearly over all blocks of a stream.
@@ -68,6 +89,7 @@ class DualStreamMiT(nn.Module):
         self.FRMs = nn.ModuleList(FRM(dim) for dim in variant.embed_dims)
         self.FFMs = nn.ModuleList(FFM(dim, heads) for dim, heads in
                                   zip(variant.embed_dims, NUM_HEADS))
+        self.apply(_init_weights)
 
     def _stream_stage(self, prefix: str, stage: int, x: torch.Tensor) -> torch.Tensor:
         tokens, height, width = getattr(self, f"{prefix}patch_embed{stage}")(x)
@@ -85,7 +107,17 @@ class DualStreamMiT(nn.Module):
             fused.append(self.FFMs[stage - 1](rgb, x))
         return fused
 
+    def forward_5ch(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Same as `forward` on one stacked (B, rgb + x, H, W) tensor (RGB channels first)."""
+        expected = self.in_chans_rgb + self.in_chans_x
+        if images.ndim != 4 or images.shape[1] != expected:
+            raise ValueError(f"expected frames of shape (B, {expected}, H, W) "
+                             f"({self.in_chans_rgb} RGB + {self.in_chans_x} X channels), "
+                             f"got {tuple(images.shape)}")
+        return self(images[:, :self.in_chans_rgb], images[:, self.in_chans_rgb:])
+
 
 def get_encoder(name: str, in_chans_rgb: int = 3, in_chans_x: int = 2,
                 fused_attention: bool = True) -> DualStreamMiT:
+    """The dual-stream encoder of a named variant; unknown names raise ValueError."""
     return DualStreamMiT(get_variant(name), in_chans_rgb, in_chans_x, fused_attention)

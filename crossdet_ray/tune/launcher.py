@@ -249,8 +249,8 @@ def launch(config: LaunchConfig) -> RunOutcome:
     check_feasible(plan, shape, autoscaling=config.autoscaling)
 
     specs = trial_specs(config.train.backbones, config.train.lr, config.lr_grid)
-    root = storage_root(config.train.log_dir)
-    run_storage = RunStorage.from_uri(root).child(config.name)
+    root_storage = RunStorage.from_uri(storage_root(config.train.log_dir))
+    run_storage = root_storage.child(config.name)
     if run_storage.exists(RUN_CONFIG_FILE):
         raise LaunchError(f"{run_storage.uri()} already holds a run; pass --resume "
                           f"{run_storage.uri()} to continue it, or another --name")
@@ -277,7 +277,8 @@ def launch(config: LaunchConfig) -> RunOutcome:
             scheduler=_scheduler(config), trial_dirname_creator=_trial_dirname,
             trial_name_creator=_trial_dirname, reuse_actors=False),
         run_config=tune.RunConfig(
-            name=config.name, storage_path=root, verbose=config.verbose,
+            name=config.name, storage_path=root_storage.root,
+            storage_filesystem=root_storage.filesystem, verbose=config.verbose,
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
@@ -304,12 +305,12 @@ def _resume(config: LaunchConfig) -> RunOutcome:
     # Where to run may change on resume; what to train may not.
     original.address, original.resume = config.address, run_uri
     original.dashboard, original.dashboard_host = config.dashboard, config.dashboard_host
-    if not tune.Tuner.can_restore(run_uri):
+    if not tune.Tuner.can_restore(run_storage.root, storage_filesystem=run_storage.filesystem):
         raise LaunchError(f"--resume: {run_uri} has no Tune experiment state to resume "
                           "(the run stopped before its first trial started); start it again")
     dashboard_url = connect_ray(original)
-    tuner = tune.Tuner.restore(run_uri, trainable=TRAINABLE, resume_unfinished=True,
-                               resume_errored=True)
+    tuner = tune.Tuner.restore(run_storage.root, trainable=TRAINABLE, resume_unfinished=True,
+                               resume_errored=True, storage_filesystem=run_storage.filesystem)
     return _fit_and_summarise(tuner, original, run_storage, dashboard_url)
 
 
@@ -337,7 +338,7 @@ def _fit_and_summarise(tuner: tune.Tuner, config: LaunchConfig, run_storage: Run
 def _saved_trial_statuses(run_storage: RunStorage) -> dict[str, str]:
     """Each trial's status as Tune saved it in the experiment state, by trial name."""
     try:
-        analysis = tune.ExperimentAnalysis(run_storage.uri(),
+        analysis = tune.ExperimentAnalysis(run_storage.root,
                                            storage_filesystem=run_storage.filesystem)
     except Exception as error:  # no state yet (interrupted before any trial started)
         logger.warning("cannot read Tune's experiment state in %s: %s", run_storage.uri(), error)

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 SUMMARY_COLUMNS = (
     "trial", "backbone", "lr", "status", "error", "params", "epochs_completed", "best_epoch",
     "best_loss", "final_loss", "map", "map50", "map75", "train_images_per_sec",
-    "infer_ms_per_image", "fps", "total_time_sec", "device", "node", "resources",
+    "infer_ms_per_image", "fps", "total_time_sec", "device", "node", "node_id", "resources",
     "best_model_path", "final_model_path", "final_complete_path",
 )
 
@@ -84,6 +84,7 @@ def _trial_row(run_storage: RunStorage, spec: dict[str, Any], verdict: dict[str,
                                    float(epochs["epoch_time_sec"].sum()) if epochs is not None
                                    and len(epochs) else None),
         "device": info.get("device"), "node": info.get("node"),
+        "node_id": info.get("node_id"), "attempts_resumed_at": info.get("resumed_at_epochs", []),
         "resources": info.get("resources"),
         "best_model_path": info.get("best_model_path"),
         "final_model_path": info.get("final_model_path"),

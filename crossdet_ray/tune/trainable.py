@@ -55,7 +55,8 @@ def train_backbone(config: dict[str, Any]) -> None:
         keep_checkpoints=config.get("keep_checkpoints"),
         extra_info={
             "trial_name": trial["name"], "lr": trial["lr"], "node": socket.gethostname(),
-            "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
             "resources": resources, "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "torch_threads": torch.get_num_threads(),
         },

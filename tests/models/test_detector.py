@@ -2,48 +2,53 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
-from crossdet_ray.models import BACKBONE_NAMES, build_detector, count_parameters, get_encoder
+from crossdet_ray.models import (
+    BACKBONE_NAMES,
+    MIT_VARIANTS,
+    build_detector,
+    count_parameters,
+    get_encoder,
+)
 
-# A copy of ../shared/reference/state_dict_manifest.json: the reference's keys and shapes.
-MANIFEST = Path(__file__).resolve().parent / "state_dict_manifest.json"
+# The training guide's figures (27.8M ... 196.6M), exactly, with one object class.
 EXPECTED_PARAMETERS = {"mit_b0": 27_786_433, "mit_b1": 60_014_945, "mit_b2": 82_104_673,
                        "mit_b4": 155_397_473, "mit_b5": 196_598_113}
+LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
 
 
-@pytest.fixture(scope="module")
-def manifest():
-    return json.loads(MANIFEST.read_text())["backbones"]
-
-
-def _batch(seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    images = [torch.rand(5, 64, 64, generator=generator) for _ in range(2)]
-    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 36.0]]), "labels": torch.tensor([1])},
-               {"boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0], [2.0, 30.0, 20.0, 60.0]]),
-                "labels": torch.tensor([1, 1])}]
-    return images, targets
+def test_the_five_backbones():
+    assert BACKBONE_NAMES == ("mit_b0", "mit_b1", "mit_b2", "mit_b4", "mit_b5")
+    assert set(MIT_VARIANTS) == set(BACKBONE_NAMES)
 
 
 @pytest.mark.parametrize("backbone", BACKBONE_NAMES)
-def test_matches_the_reference_and_trains(backbone, manifest):
-    torch.manual_seed(0)
-    model = build_detector(backbone, num_classes=2, min_size=64, max_size=64)
-    assert count_parameters(model) == EXPECTED_PARAMETERS[backbone]
-    assert count_parameters(model) == manifest[backbone]["parameters"]
-    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    assert shapes == manifest[backbone]["state_dict"]
+def test_parameter_count_matches_the_reference(backbone, detector, manifest):
+    assert manifest["num_classes"] == 2
+    count = count_parameters(detector(backbone))
+    assert count == EXPECTED_PARAMETERS[backbone]
+    assert count == manifest["backbones"][backbone]["parameters"]
 
+
+@pytest.mark.parametrize("backbone", BACKBONE_NAMES)
+def test_state_dict_keys_and_shapes_match_the_reference(backbone, detector, manifest):
+    ours = {k: list(v.shape) for k, v in detector(backbone).state_dict().items()}
+    expected = manifest["backbones"][backbone]["state_dict"]
+    assert sorted(set(expected) - set(ours)) == []  # missing
+    assert sorted(set(ours) - set(expected)) == []  # unexpected
+    assert ours == expected
+
+
+@pytest.mark.parametrize("backbone", BACKBONE_NAMES)
+def test_trains_and_detects(backbone, detector, random_batch):
+    model = detector(backbone)
     model.train()
-    images, targets = _batch()
+    model.zero_grad(set_to_none=True)
+    images, targets = random_batch()
     losses = model(images, targets)
-    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness",
-                           "loss_rpn_box_reg"}
+    assert set(losses) == LOSSES
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     encoder = model.backbone.encoder
@@ -53,12 +58,17 @@ def test_matches_the_reference_and_trains(backbone, manifest):
     model.eval()
     with torch.no_grad():
         detections = model(images)
-    assert len(detections) == 2 and set(detections[0]) == {"boxes", "labels", "scores"}
+    assert len(detections) == 2
+    for found in detections:
+        assert set(found) == {"boxes", "labels", "scores"}
+        assert found["boxes"].shape[1:] == (4,) and len(found["labels"]) == len(found["scores"])
 
 
 def test_unknown_backbone_lists_the_five():
     with pytest.raises(ValueError, match="mit_b0, mit_b1, mit_b2, mit_b4, mit_b5"):
         build_detector("mit_b3", num_classes=2)
+    with pytest.raises(ValueError, match="mit_b0, mit_b1, mit_b2, mit_b4, mit_b5"):
+        get_encoder("resnet50")
 
 
 def test_fused_attention_gives_the_eager_features():
@@ -72,26 +82,48 @@ def test_fused_attention_gives_the_eager_features():
         a, b = fused.backbone(frames), eager.backbone(frames)
     assert list(a) == ["0", "1", "2", "3", "pool"]
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+        # float32 rounding differs between the kernels; judge it against the features' spread
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4 * a[key].std().item())
     assert a["0"].shape == (2, 256, 24, 32) and a["pool"].shape == (2, 256, 2, 2)
 
 
-def test_saved_state_dict_reloads_strictly_with_identical_outputs(tmp_path):
-    torch.manual_seed(1)
-    model = build_detector("mit_b0", num_classes=2, min_size=64, max_size=64).eval()
-    torch.save({"model_state_dict": model.state_dict()}, tmp_path / "ckpt.pth")
-    other = build_detector("mit_b0", num_classes=2, min_size=64, max_size=64).eval()
-    state = torch.load(tmp_path / "ckpt.pth", weights_only=True)["model_state_dict"]
-    other.load_state_dict(state, strict=True)
-    frames = torch.rand(1, 5, 64, 64)
+def test_reference_style_checkpoint_reloads_strictly_with_identical_outputs(tmp_path, detector,
+                                                                           random_batch):
+    model = detector("mit_b0").eval()
+    checkpoint = {"epoch": 3, "backbone": "mit_b0", "model_state_dict": model.state_dict(),
+                  "loss": 1.0, "best_loss": 1.0, "best_epoch": 3}
+    torch.save(checkpoint, tmp_path / "best_model.pth")
+
+    torch.manual_seed(123)  # a different init, so equality below comes from the checkpoint
+    fresh = build_detector("mit_b0", num_classes=2, min_size=64, max_size=64).eval()
+    state = torch.load(tmp_path / "best_model.pth", weights_only=True)["model_state_dict"]
+    fresh.load_state_dict(state, strict=True)
+    images, _ = random_batch(seed=5)
     with torch.no_grad():
-        for key, value in model.backbone(frames).items():
-            assert torch.equal(value, other.backbone(frames)[key])
+        ours, theirs = model.backbone(torch.stack(images)), fresh.backbone(torch.stack(images))
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key])
+        for a, b in zip(model(images), fresh(images)):
+            for key in a:
+                assert torch.equal(a[key], b[key])
 
 
-def test_encoder_stage_shapes():
+def test_encoder_stage_shapes_and_channel_check():
     encoder = get_encoder("mit_b1").eval()
     with torch.no_grad():
         outputs = encoder(torch.rand(1, 3, 64, 96), torch.rand(1, 2, 64, 96))
-    assert [tuple(o.shape) for o in outputs] == [(1, 64, 16, 24), (1, 128, 8, 12),
-                                                 (1, 320, 4, 6), (1, 512, 2, 3)]
+        stacked = encoder.forward_5ch(torch.rand(1, 5, 64, 96))
+    expected = [(1, 64, 16, 24), (1, 128, 8, 12), (1, 320, 4, 6), (1, 512, 2, 3)]
+    assert [tuple(o.shape) for o in outputs] == expected
+    assert [tuple(o.shape) for o in stacked] == expected
+    with pytest.raises(ValueError, match=r"\(B, 5, H, W\)"):
+        encoder.forward_5ch(torch.rand(1, 4, 64, 96))
+
+
+def test_stochastic_depth_rises_linearly_over_each_stream(detector):
+    encoder = detector("mit_b2").backbone.encoder
+    for prefix in ("", "extra_"):
+        rates = [block.drop_path.drop_prob for stage in range(1, 5)
+                 for block in getattr(encoder, f"{prefix}block{stage}")]
+        assert len(rates) == sum(MIT_VARIANTS["mit_b2"].depths)
+        torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.1, len(rates)))

@@ -49,7 +49,32 @@ def test_cross_attention_softmax_runs_over_the_key_channel_axis():
     torch.testing.assert_close(v2[0], expected2)
 
 
-def test_ffm_fuses_two_maps_into_one():
-    ffm = FFM(8, num_heads=2).eval()
-    fused = ffm(torch.randn(2, 8, 4, 6), torch.randn(2, 8, 4, 6))
-    assert fused.shape == (2, 8, 4, 6)
+def test_ffm_follows_the_cross_path_then_the_channel_merge():
+    torch.manual_seed(0)
+    dim, heads, height, width = 8, 2, 3, 4
+    ffm = FFM(dim, num_heads=heads).eval()
+    for norm in (ffm.channel_emb.norm, ffm.channel_emb.channel_embed[4]):  # non-trivial BN stats
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+    x1, x2 = torch.randn(2, dim, height, width), torch.randn(2, dim, height, width)
+    with torch.no_grad():
+        fused = ffm(x1, x2)
+
+        cross = ffm.cross
+        t1, t2 = x1.flatten(2).transpose(1, 2), x2.flatten(2).transpose(1, 2)  # (B, N, C)
+        y1, u1 = torch.relu(cross.channel_proj1(t1)).chunk(2, dim=-1)
+        y2, u2 = torch.relu(cross.channel_proj2(t2)).chunk(2, dim=-1)
+        v1, v2 = cross.cross_attn(u1, u2)
+        out1 = cross.norm1(t1 + cross.end_proj1(torch.cat((y1, v1), -1)))
+        out2 = cross.norm2(t2 + cross.end_proj2(torch.cat((y2, v2), -1)))
+        merge = torch.cat((out1, out2), -1).transpose(1, 2).reshape(2, 2 * dim, height, width)
+        embed = ffm.channel_emb
+        branch = merge
+        for layer in embed.channel_embed:
+            branch = layer(branch)
+        expected = embed.norm(embed.residual(merge) + branch)
+    assert fused.shape == (2, dim, height, width)
+    torch.testing.assert_close(fused, expected)
+    assert cross.norm1.eps == 1e-5 and embed.residual.bias is None
+    assert cross.cross_attn.kv1.bias is None and cross.cross_attn.kv2.bias is None
+    assert embed.channel_embed[1].groups == dim

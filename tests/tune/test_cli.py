@@ -82,6 +82,7 @@ def test_resume_after_sigint_trains_no_epoch_twice(tiny_dataset, tmp_path):
     run_dir = tmp_path / "logs" / "interrupted"
     args = _small(tiny_dataset, tmp_path / "logs", "--name", "interrupted", "--epochs", "3",
                   "--gpus-per-trial", "0", "--cpus-per-trial", "1")
+    args = tuple(a for a in args if a != "--no-dashboard")  # this run shows its dashboard
     process = subprocess.Popen(_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, cwd=ROOT)
     trial = run_dir / "mit_b0"
@@ -99,6 +100,8 @@ def test_resume_after_sigint_trains_no_epoch_twice(tiny_dataset, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0, "an interrupted run must not exit 0"
     assert "--resume" in stderr
+    # A local run starts Ray's dashboard on the loopback interface only, and says where.
+    assert "Ray dashboard: http://127.0.0.1:" in stderr
     done_before = len(epoch_rows(trial))
     assert done_before < 3, "the run finished before the interrupt"
 

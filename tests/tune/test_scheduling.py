@@ -161,3 +161,32 @@ def test_killed_trial_resumes_from_its_checkpoint(local_ray, tiny_dataset, tmp_p
     assert info["resumed_at_epochs"] and min(info["resumed_at_epochs"]) >= 2
     assert_epochs_once(victim, 3)
     assert_epochs_once(run_dir / "mit_b0_lr0.0025", 3)
+
+
+def test_a_trial_that_keeps_failing_is_reported_and_the_others_finish(local_ray, tiny_dataset,
+                                                                      tmp_path):
+    # lr x 1e9 diverges in its first epoch on every attempt: a real failure, retried once.
+    outcome = launch(_config(tiny_dataset, tmp_path, "failing", gpus_per_trial="0",
+                             lr_grid=[1.0, 1e9], max_failures=1))
+    assert outcome.exit_code == 1
+    rows = {r["trial"]: r for r in outcome.summary["results"]}
+    assert rows["mit_b0_lr0.005"]["status"] == "completed"
+    failed = rows["mit_b0_lr5e+06"]
+    assert failed["status"] == "failed"
+    assert "NonFiniteLossError" in failed["error"] and "epoch 1" in failed["error"]
+    assert outcome.summary["num_failed"] == 1 and outcome.summary["num_succeeded"] == 1
+    summary = json.loads((tmp_path / "failing" / "final_summary.json").read_text())
+    assert summary["num_failed"] == 1
+    assert training_info(tmp_path / "failing" / "mit_b0_lr5e+06")["status"] == "failed"
+
+
+def test_asha_grid_names_the_best_lr(local_ray, tiny_dataset, tmp_path):
+    outcome = launch(_config(tiny_dataset, tmp_path, "asha", epochs=3, gpus_per_trial="0",
+                             lr_grid=[0.5, 1.0, 2.0, 4.0], scheduler="asha"))
+    rows = outcome.summary["results"]
+    assert len(rows) == 4
+    assert {r["status"] for r in rows} <= {"completed", "stopped"}
+    assert all(1 <= r["epochs_completed"] <= 3 for r in rows)
+    best = outcome.summary["best_lr_per_backbone"]["mit_b0"]
+    assert best["lr"] in {r["lr"] for r in rows}
+    assert best["map"] == max(r["map"] for r in rows if r["map"] is not None)

@@ -1,0 +1,85 @@
+"""Trials on a three-node Ray cluster on one machine: a CPU head and two logical-GPU workers."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from crossdet_ray.config import TrainConfig
+from crossdet_ray.tune.launcher import LaunchConfig, launch
+
+from .helpers import assert_epochs_once, epoch_rows, training_info
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture
+def three_nodes():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0})
+    workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _config(tiny_dataset, log_dir, name, epochs):
+    train = TrainConfig(data=tiny_dataset, epochs=epochs, batch_size=2, num_workers=0,
+                        backbones=["mit_b0"], min_size=64, max_size=64, log_dir=str(log_dir))
+    # One trial per worker node at a time: each wants the node's whole GPU.
+    return LaunchConfig(train=train, name=name, verbose=0, cpus_per_trial=1,
+                        gpus_per_trial="1", lr_grid=[0.5, 1.0], max_failures=3)
+
+
+def test_trials_spread_and_survive_a_lost_node(three_nodes, tiny_dataset, tmp_path):
+    cluster, workers = three_nodes
+    worker_ids = {w.node_id for w in workers}
+    run_dir = tmp_path / "multinode"
+    names = ["mit_b0_lr0.0025", "mit_b0_lr0.005"]
+    removed = {}
+
+    def remove_a_node_after_first_epochs():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                ready = all(len(epoch_rows(run_dir / n)) >= 1 and
+                            list((run_dir / n).glob("checkpoint_*")) for n in names)
+                if ready:
+                    removed["initial_nodes"] = {
+                        n: training_info(run_dir / n)["node_id"] for n in names}
+                    victim_trial = names[0]
+                    node_id = training_info(run_dir / victim_trial)["node_id"]
+                    node = next(w for w in workers if w.node_id == node_id)
+                    removed.update(node_id=node_id, trial=victim_trial,
+                                   epochs=len(epoch_rows(run_dir / victim_trial)))
+                    cluster.remove_node(node, allow_graceful=False)
+                    return
+            except (FileNotFoundError, KeyError, json.JSONDecodeError):
+                pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=remove_a_node_after_first_epochs, daemon=True)
+    watcher.start()
+    outcome = launch(_config(tiny_dataset, tmp_path, "multinode", epochs=4))
+    watcher.join(timeout=5)
+
+    assert removed, "no node was removed"
+    assert outcome.exit_code == 0, outcome.summary
+    rows = {r["trial"]: r for r in outcome.summary["results"]}
+    assert all(r["status"] == "completed" for r in rows.values())
+    for name in names:
+        assert_epochs_once(run_dir / name, 4)
+        assert rows[name]["node_id"] in worker_ids  # never on the GPU-less head
+    # Spread: one trial on each worker node (each wanted a whole GPU).
+    assert set(removed["initial_nodes"].values()) == worker_ids
+    survivor = (worker_ids - {removed["node_id"]}).pop()
+    moved = training_info(run_dir / removed["trial"])
+    assert moved["node_id"] == survivor, "the trial did not move to the other node"
+    assert moved["resumed_at_epochs"] and min(moved["resumed_at_epochs"]) >= 2
