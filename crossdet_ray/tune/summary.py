@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +21,7 @@ from crossdet_ray.engine.run_logs import dumps_json
 from crossdet_ray.engine.storage import RunStorage
 
 logger = logging.getLogger(__name__)
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 SUMMARY_COLUMNS = (
     "trial", "backbone", "lr", "status", "error", "params", "epochs_completed", "best_epoch",
@@ -54,7 +56,10 @@ def _trial_row(run_storage: RunStorage, spec: dict[str, Any], verdict: dict[str,
         epochs = pd.read_csv(io.BytesIO(trial_storage.read_bytes("logs/epoch_metrics.csv")))
 
     status = info.get("status", "not_started")
-    error = (verdict or {}).get("error") or info.get("error")
+    # The trial's own record names the cause plainly; Tune's wraps it (RayTaskError(...)).
+    error = info.get("error") or (verdict or {}).get("error")
+    if error:
+        error = ANSI_ESCAPE.sub("", error)
     if error and status != "completed":
         status = "failed"
     elif status in ("running", "not_started") and tune_status in ("PENDING", "RUNNING", "PAUSED"):
