@@ -251,6 +251,11 @@ def launch(config: LaunchConfig) -> RunOutcome:
     specs = trial_specs(config.train.backbones, config.train.lr, config.lr_grid)
     root_storage = RunStorage.from_uri(storage_root(config.train.log_dir))
     run_storage = root_storage.child(config.name)
+    try:
+        run_storage.makedirs()
+    except OSError as error:
+        raise LaunchError(f"--log-dir: cannot write to {run_storage.uri()}: {error}; check the "
+                          "path or bucket and your credentials") from error
     if run_storage.exists(RUN_CONFIG_FILE):
         raise LaunchError(f"{run_storage.uri()} already holds a run; pass --resume "
                           f"{run_storage.uri()} to continue it, or another --name")
