@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--pretrained", default=None,
                       help="local SegFormer MiT ImageNet weights, loaded into both streams")
     seed.add_argument("--seed", type=int, default=defaults.seed, help="weights/shuffle seed")
+    speed = parser.add_argument_group("speed and memory")
+    speed.add_argument("--amp", choices=("auto", "bf16", "off"), default=defaults.amp,
+                       help="bf16 autocast: auto = on CUDA only")
+    speed.add_argument("--activation-checkpointing", choices=("auto", "on", "off"),
+                       default=defaults.activation_checkpointing,
+                       help="recompute encoder blocks in backward: auto = mit_b4/b5 on CUDA")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the encoder")
 
     ray_group = parser.add_argument_group("Ray Tune")
     ray_group.add_argument("--gpus-per-trial", default="auto",
@@ -88,7 +95,8 @@ def config_from_args(args: argparse.Namespace):
         data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         lr_step_size=args.lr_step_size, lr_gamma=args.lr_gamma, num_workers=args.num_workers,
         backbones=list(args.backbones), log_dir=args.log_dir, min_size=args.min_size,
-        max_size=args.max_size, pretrained=args.pretrained, seed=args.seed,
+        max_size=args.max_size, pretrained=args.pretrained, seed=args.seed, amp=args.amp,
+        activation_checkpointing=args.activation_checkpointing, compile=args.compile,
     )
     return LaunchConfig(
         train=train, name=args.name, gpus_per_trial=args.gpus_per_trial,

@@ -35,6 +35,10 @@ class TrainConfig:
     seed: int = 0  # torch / python RNG seed for weights and shuffling
     pretrained: str | None = None  # local SegFormer MiT weights file, loaded into both streams
     device: str = "auto"  # "auto" = CUDA when visible, else CPU
+    # Speed and memory switches; "auto" turns each on only where it pays and is safe.
+    amp: str = "auto"  # "auto" = bf16 autocast on CUDA, fp32 on CPU; "bf16"; "off"
+    activation_checkpointing: str = "auto"  # "auto" = on for mit_b4/mit_b5 on CUDA; "on"; "off"
+    compile: bool = False  # torch.compile the encoder (pays on long GPU runs)
     evaluate_every_epoch: bool = True
 
     def to_dict(self) -> dict[str, Any]:

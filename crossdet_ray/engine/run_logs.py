@@ -97,7 +97,8 @@ class SeedLogWriter:
         self.info.update({
             "num_classes": info["num_classes"], "model_parameters": info["num_parameters"],
             "device": info["device"], "train_images": info["train_images"],
-            "test_images": info["test_images"],
+            "test_images": info["test_images"], "amp_bf16": info.get("amp_bf16"),
+            "activation_checkpointing": info.get("activation_checkpointing"),
             "train_started_at": time.time(),  # epoch seconds: when trials ran, side by side
         })
         if start_epoch > 1:

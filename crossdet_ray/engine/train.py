@@ -155,10 +155,36 @@ def build_datasets(config: TrainConfig, data_dir: str):
     return train_set, test_set
 
 
-def build_model(config: TrainConfig, backbone: str, num_classes: int) -> torch.nn.Module:
+LARGE_BACKBONES = ("mit_b4", "mit_b5")
+
+
+def use_amp(config: TrainConfig, device: torch.device) -> bool:
+    if config.amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"amp must be auto, bf16 or off, not {config.amp!r}")
+    return config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda")
+
+
+def use_activation_checkpointing(config: TrainConfig, backbone: str, device: torch.device) -> bool:
+    if config.activation_checkpointing not in ("auto", "on", "off"):
+        raise ValueError("activation_checkpointing must be auto, on or off, "
+                         f"not {config.activation_checkpointing!r}")
+    if config.activation_checkpointing == "auto":
+        return device.type == "cuda" and backbone in LARGE_BACKBONES
+    return config.activation_checkpointing == "on"
+
+
+def build_model(config: TrainConfig, backbone: str, num_classes: int,
+                device: torch.device | None = None) -> torch.nn.Module:
+    device = device or torch.device("cpu")
     torch.manual_seed(config.seed)
-    return build_detector(backbone, num_classes=num_classes, pretrained=config.pretrained,
-                          min_size=config.min_size, max_size=config.max_size)
+    model = build_detector(
+        backbone, num_classes=num_classes, pretrained=config.pretrained,
+        min_size=config.min_size, max_size=config.max_size,
+        activation_checkpointing=use_activation_checkpointing(config, backbone, device))
+    if config.compile:
+        # Frame sizes vary per batch: compile for dynamic shapes instead of recompiling.
+        model.backbone.encoder = torch.compile(model.backbone.encoder, dynamic=True)
+    return model
 
 
 def build_optimizer(config: TrainConfig, model: torch.nn.Module):
@@ -170,7 +196,8 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module):
     return optimizer, scheduler
 
 
-def train_one_epoch(model, optimizer, loader, device, epoch: int, listener) -> dict[str, float]:
+def train_one_epoch(model, optimizer, loader, device, epoch: int, listener,
+                    amp: bool = False) -> dict[str, float]:
     """One pass over the loader; returns the epoch's loss sums and image count."""
     model.train()
     sums = dict.fromkeys(("loss",) + LOSS_COMPONENTS, 0.0)
@@ -179,7 +206,8 @@ def train_one_epoch(model, optimizer, loader, device, epoch: int, listener) -> d
         batch_start = time.perf_counter()
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        loss_dict = model(images, targets)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
@@ -218,7 +246,8 @@ def fit(
 
     train_set, test_set = build_datasets(config, data_dir)
     num_classes = max(train_set.num_classes, test_set.num_classes) + 1  # + background
-    model = build_model(config, backbone, num_classes).to(device)
+    model = build_model(config, backbone, num_classes, device).to(device)
+    amp = use_amp(config, device)
     optimizer, scheduler = build_optimizer(config, model)
 
     history: dict[str, list] = {"epoch_losses": [], "epoch_times": [], "learning_rates": [],
@@ -239,7 +268,9 @@ def fit(
     num_parameters = count_parameters(model)
     listener.on_train_start({
         "backbone": backbone, "num_classes": num_classes, "num_parameters": num_parameters,
-        "device": str(device), "train_images": len(train_set), "test_images": len(test_set),
+        "device": str(device), "amp_bf16": amp,
+        "activation_checkpointing": bool(getattr(getattr(getattr(
+            model, "backbone", None), "encoder", None), "activation_checkpointing", False)), "train_images": len(train_set), "test_images": len(test_set),
         "start_epoch": start_epoch,
     })
 
@@ -259,7 +290,7 @@ def fit(
             torch.cuda.reset_peak_memory_stats(device)
         learning_rate = optimizer.param_groups[0]["lr"]
         epoch_start = time.perf_counter()
-        sums = train_one_epoch(model, optimizer, train_loader, device, epoch, listener)
+        sums = train_one_epoch(model, optimizer, train_loader, device, epoch, listener, amp=amp)
         epoch_time = time.perf_counter() - epoch_start
         scheduler.step()
 

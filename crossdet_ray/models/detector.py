@@ -40,13 +40,15 @@ class CrossAttentionBackbone(nn.Module):
 
 
 def build_detector(backbone: str, num_classes: int, pretrained: str | Path | None = None,
-                   fused_attention: bool = True, **kwargs) -> FasterRCNN:
+                   fused_attention: bool = True, activation_checkpointing: bool = False,
+                   **kwargs) -> FasterRCNN:
     """Faster R-CNN over the named backbone; `kwargs` reach FasterRCNN (min_size, ...).
 
     `num_classes` counts the background class; `pretrained` is a local SegFormer MiT file
     loaded into both streams (see `load_pretrained_mit`).
     """
     encoder = get_encoder(backbone, fused_attention=fused_attention)
+    encoder.activation_checkpointing = activation_checkpointing
     if pretrained:
         load_pretrained_mit(encoder, pretrained)
     anchors = AnchorGenerator(sizes=ANCHOR_SIZES, aspect_ratios=((0.5, 1.0, 2.0),) * 5)

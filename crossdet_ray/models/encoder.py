@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from crossdet_ray.models.fusion import FFM, FRM
 from crossdet_ray.models.mit import Block, OverlapPatchEmbed, tokens_to_map
@@ -68,6 +69,7 @@ class DualStreamMiT(nn.Module):
                  fused_attention: bool = True):
         super().__init__()
         self.in_chans_rgb, self.in_chans_x = in_chans_rgb, in_chans_x
+        self.activation_checkpointing = False  # set by build_detector; trades compute for memory
         self.embed_dims = variant.embed_dims
         self.depths = variant.depths
         # Stochastic depth rises linearly over all blocks of a stream.
@@ -94,7 +96,13 @@ class DualStreamMiT(nn.Module):
     def _stream_stage(self, prefix: str, stage: int, x: torch.Tensor) -> torch.Tensor:
         tokens, height, width = getattr(self, f"{prefix}patch_embed{stage}")(x)
         for block in getattr(self, f"{prefix}block{stage}"):
-            tokens = block(tokens, height, width)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only block inputs and recompute the inside in backward: mit_b4/b5 at
+                # 800 px then fit where they did not. The RNG state is replayed, so drop-path
+                # masks (and the gradients) are the same as without it.
+                tokens = checkpoint(block, tokens, height, width, use_reentrant=False)
+            else:
+                tokens = block(tokens, height, width)
         return tokens_to_map(getattr(self, f"{prefix}norm{stage}")(tokens), height, width)
 
     def forward(self, rgb: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from typing import Any
 
 from ray import tune
@@ -54,14 +55,21 @@ class TrialReporter:
 
     def __init__(self, writer: SeedLogWriter):
         self.writer = writer
+        self._batch_seconds = 0.0  # time this reporter took inside the current epoch
+        self.overhead_sec: list[float] = []  # per epoch: logging, checkpointing, tune.report
 
     def on_train_start(self, info: dict[str, Any]) -> None:
         self.writer.on_train_start(info)
 
     def on_batch_end(self, metrics: BatchMetrics) -> None:
+        start = time.perf_counter()
         self.writer.on_batch_end(metrics)
+        self._batch_seconds += time.perf_counter() - start
 
     def on_epoch_end(self, metrics: EpochMetrics, checkpoint: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        # Kept in training_info.json (written with the next update) to show reporting is cheap.
+        self.writer.info["reporting_overhead_sec"] = self.overhead_sec
         # Files first: when Tune records the checkpoint, the file it names already exists.
         self.writer.on_epoch_end(metrics, checkpoint)
         with tempfile.TemporaryDirectory() as pointer_dir:
@@ -70,6 +78,8 @@ class TrialReporter:
                            "backbone": self.writer.backbone}, handle)
             tune.report(report_metrics(metrics),
                         checkpoint=tune.Checkpoint.from_directory(pointer_dir))
+        self.overhead_sec.append(self._batch_seconds + time.perf_counter() - start)
+        self._batch_seconds = 0.0
 
     def on_train_end(self, summary: TrainingSummary, checkpoint: dict[str, Any]) -> None:
         self.writer.on_train_end(summary, checkpoint)

@@ -10,15 +10,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# Peak training memory per backbone at batch 2, 800x1333 input, fp32, in GiB. These are
-# projections from the parameter counts and activation sizes, used only to pack trials with
-# `--gpus-per-trial auto`; docs/performance.md says which figures were measured.
+# Peak training memory per backbone at batch 2, 800x1333 input, fp32, in GiB: weights, grads
+# and momentum plus activations measured at min_size 320 and scaled by the pixel count
+# (benchmarks/memory.py; docs/scale.md). Used only to pack trials with `--gpus-per-trial auto`.
 GPU_MEMORY_NEED_GB: dict[str, float] = {
-    "mit_b0": 10.0,
+    "mit_b0": 10.2,
     "mit_b1": 14.0,
-    "mit_b2": 20.0,
-    "mit_b4": 36.0,
-    "mit_b5": 40.0,
+    "mit_b2": 18.4,
+    "mit_b4": 30.4,
+    "mit_b5": 35.0,
 }
 DEFAULT_GPU_MEMORY_GB = 80.0  # an A100/H100 80 GB, what the reference was run on
 

@@ -127,3 +127,20 @@ def test_stochastic_depth_rises_linearly_over_each_stream(detector):
                  for block in getattr(encoder, f"{prefix}block{stage}")]
         assert len(rates) == sum(MIT_VARIANTS["mit_b2"].depths)
         torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.1, len(rates)))
+
+
+def test_activation_checkpointing_gives_the_same_gradients(random_batch):
+    """Recomputing blocks in backward (for mit_b4/b5 on a GPU) changes memory, not results."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_detector("mit_b0", num_classes=2, min_size=64, max_size=64,
+                               activation_checkpointing=checkpointing).train()
+        images, targets = random_batch()
+        torch.manual_seed(1)  # same drop-path masks and sampling in both runs
+        sum(model(images, targets).values()).backward()
+        encoder = model.backbone.encoder
+        grads.append([p.grad.clone() for p in (encoder.block1[0].attn.q.weight,
+                                               encoder.extra_block4[1].mlp.fc2.weight)])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(plain, recomputed, rtol=1e-4, atol=1e-6)
