@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from crossdet_ray.config import BACKBONES, TrainConfig
+from common import add_run_arguments, run_train_config
+from crossdet_ray.config import TrainConfig
 from crossdet_ray.engine.run_logs import SeedLogWriter
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.engine.train import fit
@@ -61,18 +62,12 @@ def parallel(config: TrainConfig, out: Path, images: int) -> tuple[float, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--min-size", type=int, default=160)
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
-    parser.add_argument("--output", default="benchmarks/results/parallel_vs_sequential.json")
+    add_run_arguments(parser, "benchmarks/results/parallel_vs_sequential.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     data_dir = ensure_dataset(synthetic_spec(args.images, 0))
-    config = TrainConfig(data=data_dir, epochs=args.epochs, min_size=args.min_size,
-                         max_size=max(args.min_size, int(args.min_size * 1333 / 800)),
-                         num_workers=0, backbones=args.backbones)
+    config = run_train_config(args, data=data_dir)
     startup = ray_startup_cost()
     with tempfile.TemporaryDirectory() as tmp:
         seq_start = time.perf_counter()
