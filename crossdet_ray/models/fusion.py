@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from crossdet_ray.models.mit import head_dim
+
 
 class ChannelWeights(nn.Module):
     """Per-channel gates for both streams from their pooled statistics."""
@@ -62,10 +64,8 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim(dim, num_heads)
         self.scale = self.head_dim ** -0.5
         self.kv1 = nn.Linear(dim, dim * 2, bias=False)
         self.kv2 = nn.Linear(dim, dim * 2, bias=False)

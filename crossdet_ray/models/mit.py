@@ -49,16 +49,21 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2)), height, width
 
 
+def head_dim(dim: int, num_heads: int) -> int:
+    """Channels per attention head; the channels must split evenly over the heads."""
+    if dim % num_heads:
+        raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+    return dim // num_heads
+
+
 class Attention(nn.Module):
     """Efficient self-attention: keys and values from a spatially reduced map (ratio r)."""
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int, qkv_bias: bool = True,
                  fused_attention: bool = True):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim(dim, num_heads)
         self.scale = self.head_dim ** -0.5
         # False keeps the eager softmax(q k^T * scale) v reachable for benchmarks and tests.
         self.fused_attention = fused_attention
