@@ -29,7 +29,7 @@ from crossdet_ray.tune.datasets import ensure_dataset, folder_spec, synthetic_sp
 from crossdet_ray.tune.resources import (
     DEFAULT_GPU_MEMORY_GB,
     ClusterShape,
-    ResourceError,
+    TrialResources,
     check_feasible,
     parse_gpus_per_trial,
     plan_resources,
@@ -113,11 +113,6 @@ def default_run_name() -> str:
     return datetime.now().strftime("run_%Y%m%d_%H%M%S")
 
 
-def storage_root(log_dir: str) -> str:
-    """Tune's storage_path: a URI as given, a local folder made absolute."""
-    return log_dir if "://" in log_dir else str(Path(log_dir).expanduser().resolve())
-
-
 # -- Ray ---------------------------------------------------------------------------------------
 def connect_ray(config: LaunchConfig) -> str | None:
     """Join `--address` / RAY_ADDRESS, or start a local Ray with its dashboard on 127.0.0.1."""
@@ -155,11 +150,8 @@ def cluster_shape() -> ClusterShape:
 
 
 def _trial_bundle(config: dict[str, Any]) -> tune.PlacementGroupFactory:
-    share = config["resources"][config["trial"]["backbone"]]
-    bundle = {"CPU": share["cpu"]}
-    if share["gpu"]:
-        bundle["GPU"] = share["gpu"]
-    return tune.PlacementGroupFactory([bundle])
+    share = TrialResources(**config["resources"][config["trial"]["backbone"]])
+    return tune.PlacementGroupFactory([share.as_bundle()])
 
 
 def _trial_dirname(trial) -> str:
@@ -249,7 +241,7 @@ def launch(config: LaunchConfig) -> RunOutcome:
     check_feasible(plan, shape, autoscaling=config.autoscaling)
 
     specs = trial_specs(config.train.backbones, config.train.lr, config.lr_grid)
-    root_storage = RunStorage.from_uri(storage_root(config.train.log_dir))
+    root_storage = RunStorage.from_uri(config.train.log_dir)  # a local folder made absolute
     run_storage = root_storage.child(config.name)
     try:
         run_storage.makedirs()
