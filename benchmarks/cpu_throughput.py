@@ -21,7 +21,8 @@ from tabulate import tabulate
 
 from crossdet_ray.models import build_detector
 
-VARIANTS = {"eager baseline": {"fused_attention": False}, "optimised (default)": {}}
+VARIANTS = {"eager baseline": {"fused_attention": False, "vectorized_roi_align": False},
+            "optimised (default)": {}}
 
 
 def batch(seed: int = 0):

@@ -14,6 +14,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from crossdet_ray.models.encoder import DualStreamMiT, get_encoder
+from crossdet_ray.models.roi_pool import VectorizedMultiScaleRoIAlign
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +42,21 @@ class CrossAttentionBackbone(nn.Module):
 
 def build_detector(backbone: str, num_classes: int, pretrained: str | Path | None = None,
                    fused_attention: bool = True, activation_checkpointing: bool = False,
-                   **kwargs) -> FasterRCNN:
+                   vectorized_roi_align: bool = True, **kwargs) -> FasterRCNN:
     """Faster R-CNN over the named backbone; `kwargs` reach FasterRCNN (min_size, ...).
 
     `num_classes` counts the background class; `pretrained` is a local SegFormer MiT file
-    loaded into both streams (see `load_pretrained_mit`).
+    loaded into both streams (see `load_pretrained_mit`). `fused_attention` and
+    `vectorized_roi_align` are speed switches with unchanged outputs; off, they give the plain
+    eager network the performance benchmarks compare against.
     """
     encoder = get_encoder(backbone, fused_attention=fused_attention)
     encoder.activation_checkpointing = activation_checkpointing
     if pretrained:
         load_pretrained_mit(encoder, pretrained)
     anchors = AnchorGenerator(sizes=ANCHOR_SIZES, aspect_ratios=((0.5, 1.0, 2.0),) * 5)
-    roi_pool = MultiScaleRoIAlign(featmap_names=FEATURE_NAMES, output_size=7, sampling_ratio=2)
+    roi_pool_type = VectorizedMultiScaleRoIAlign if vectorized_roi_align else MultiScaleRoIAlign
+    roi_pool = roi_pool_type(featmap_names=FEATURE_NAMES, output_size=7, sampling_ratio=2)
     kwargs.setdefault("image_mean", list(IMAGE_MEAN))
     kwargs.setdefault("image_std", list(IMAGE_STD))
     return FasterRCNN(CrossAttentionBackbone(encoder), num_classes=num_classes,
