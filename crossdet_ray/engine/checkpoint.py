@@ -8,8 +8,9 @@ The reference stores {'epoch', 'backbone', 'model_state_dict', 'optimizer_state_
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -62,6 +63,50 @@ def build_checkpoint(
         "history": {k: list(v) for k, v in history.items()},
         "num_classes": int(num_classes),
     }
+
+
+def snapshot(value: Any) -> Any:
+    """A copy of a checkpoint dict whose tensors are CPU clones, safe to save while training
+    goes on (the optimizer updates the live tensors in place)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(v) for v in value)
+    return value
+
+
+class BackgroundWriter:
+    """Runs file writes one at a time on a thread, so the next epoch trains meanwhile.
+
+    `submit` first waits for the previous write, so at most one is in flight and a failed
+    write (a full disk, a lost bucket) is raised in the training thread at the next epoch.
+    """
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+
+    def submit(self, write: Callable[..., None], *args: Any) -> None:
+        self.wait()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1,
+                                                thread_name_prefix="checkpoint-writer")
+        self._pending = self._executor.submit(write, *args)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown()
+                self._executor = None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -18,7 +18,7 @@ import re
 import time
 from typing import Any
 
-from crossdet_ray.engine.checkpoint import epoch_checkpoint_name
+from crossdet_ray.engine.checkpoint import BackgroundWriter, epoch_checkpoint_name, snapshot
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.engine.train import BatchMetrics, EpochMetrics, TrainingSummary
 
@@ -36,6 +36,7 @@ BATCH_COLUMNS = (
     "loss_rpn_box_reg", "timestamp", "batch_time_sec",
 )
 EPOCH_FILE = re.compile(r"^epoch_(\d{3,})_loss_.*\.pth$")
+PARTIAL_FILE = re.compile(r"\.tmp-[0-9a-f]{8}$")  # RunStorage's temporary names
 
 
 def _csv_text(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
@@ -68,11 +69,18 @@ def dumps_json(value: Any) -> str:
 
 
 class SeedLogWriter:
-    """Writes one backbone's files in the seed's layout; a `TrainingListener`."""
+    """Writes one backbone's files in the seed's layout; a `TrainingListener`.
+
+    With `background_checkpoints`, an epoch's checkpoint is copied (cheap) and written to
+    storage on a thread while the next epoch trains; `last_checkpoint` may then name a file
+    still being written, and `wait_for_checkpoints` is where it is certainly complete.
+    """
 
     def __init__(self, storage: RunStorage, backbone: str, config: dict[str, Any],
-                 keep_checkpoints: int | None = None, extra_info: dict[str, Any] | None = None):
+                 keep_checkpoints: int | None = None, extra_info: dict[str, Any] | None = None,
+                 background_checkpoints: bool = True):
         self.storage = storage
+        self._checkpoint_writes = BackgroundWriter() if background_checkpoints else None
         self.backbone = backbone
         self.config = config
         self.keep_checkpoints = keep_checkpoints
@@ -99,14 +107,18 @@ class SeedLogWriter:
             "device": info["device"], "train_images": info["train_images"],
             "test_images": info["test_images"], "amp_bf16": info.get("amp_bf16"),
             "activation_checkpointing": info.get("activation_checkpointing"),
-            "train_started_at": time.time(),  # epoch seconds: when trials ran, side by side
+            # Epoch seconds, to see when trials ran side by side: fit() entered (data, model
+            # build), then its first epoch about to start.
+            "fit_started_at": info.get("started_at"),
+            "train_started_at": time.time(),
         })
         if start_epoch > 1:
             self.info.setdefault("resumed_at_epochs", []).append(start_epoch)
-            for name in self.storage.list_files("checkpoints"):
-                match = EPOCH_FILE.match(name)
-                if match and int(match.group(1)) >= start_epoch:
-                    self.storage.delete(f"checkpoints/{name}")
+        for name in self.storage.list_files("checkpoints"):
+            match = EPOCH_FILE.match(name)
+            # Epochs past the resume point, and temporaries of a write a crash cut short.
+            if (match and int(match.group(1)) >= start_epoch) or PARTIAL_FILE.search(name):
+                self.storage.delete(f"checkpoints/{name}")
         self._write_csvs()
         self._write_info()
 
@@ -115,11 +127,12 @@ class SeedLogWriter:
 
     def on_epoch_end(self, metrics: EpochMetrics, checkpoint: dict[str, Any]) -> None:
         name = f"checkpoints/{epoch_checkpoint_name(metrics.epoch, metrics.avg_loss)}"
-        self.storage.save_torch(checkpoint, name)
+        if self._checkpoint_writes is None:
+            self._write_epoch_checkpoint(checkpoint, name, metrics.is_best)
+        else:
+            self._checkpoint_writes.submit(self._write_epoch_checkpoint, snapshot(checkpoint),
+                                           name, metrics.is_best)
         self.last_checkpoint, self._last_epoch = name, metrics.epoch
-        if metrics.is_best:
-            self.storage.copy(name, "checkpoints/best_model.pth")
-        self._prune_epoch_checkpoints()
         row = metrics.as_dict()
         row["checkpoint_path"] = self.storage.uri(name)
         self.epoch_rows.append(row)
@@ -134,6 +147,7 @@ class SeedLogWriter:
         self._write_info()
 
     def on_train_end(self, summary: TrainingSummary, checkpoint: dict[str, Any]) -> None:
+        self.wait_for_checkpoints()
         final = f"checkpoints/{self.backbone}_final.pth"
         complete = f"checkpoints/{self.backbone}_final_complete.pth"
         self.storage.save_torch(checkpoint["model_state_dict"], final)
@@ -157,6 +171,10 @@ class SeedLogWriter:
 
     # -- failures and helpers --------------------------------------------------------------
     def mark_failed(self, error: str) -> None:
+        try:
+            self.wait_for_checkpoints()  # keep the last good epoch's file
+        except Exception:  # the failure being recorded may be this very write
+            logger.exception("%s: the last epoch checkpoint could not be written", self.backbone)
         self.info.update({"status": "failed", "error": error})
         self._write_csvs()
         self._write_info()
@@ -164,6 +182,18 @@ class SeedLogWriter:
     def update_info(self, **values: Any) -> None:
         self.info.update(values)
         self._write_info()
+
+    def wait_for_checkpoints(self) -> None:
+        """Block until every epoch checkpoint handed over so far is on storage."""
+        if self._checkpoint_writes is not None:
+            self._checkpoint_writes.close()
+
+    def _write_epoch_checkpoint(self, checkpoint: dict[str, Any], name: str,
+                                is_best: bool) -> None:
+        self.storage.save_torch(checkpoint, name)
+        if is_best:
+            self.storage.copy(name, "checkpoints/best_model.pth")
+        self._prune_epoch_checkpoints()
 
     def _write_csvs(self) -> None:
         self.storage.write_text("logs/epoch_metrics.csv", _csv_text(EPOCH_COLUMNS, self.epoch_rows))

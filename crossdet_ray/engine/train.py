@@ -242,7 +242,7 @@ def fit(
     """Train `backbone` for `config.epochs` epochs, resuming after `resume_from` when given."""
     listener = listener or NullListener()
     device = device or select_device(config.device)
-    run_start = time.perf_counter()
+    run_start, run_started_at = time.perf_counter(), time.time()
 
     train_set, test_set = build_datasets(config, data_dir)
     num_classes = max(train_set.num_classes, test_set.num_classes) + 1  # + background
@@ -271,7 +271,7 @@ def fit(
         "device": str(device), "amp_bf16": amp,
         "activation_checkpointing": bool(getattr(getattr(getattr(
             model, "backbone", None), "encoder", None), "activation_checkpointing", False)), "train_images": len(train_set), "test_images": len(test_set),
-        "start_epoch": start_epoch,
+        "start_epoch": start_epoch, "started_at": run_started_at,
     })
 
     generator = torch.Generator()

@@ -28,6 +28,7 @@ from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.tune.datasets import ensure_dataset, folder_spec, synthetic_spec
 from crossdet_ray.tune.resources import (
     DEFAULT_GPU_MEMORY_GB,
+    GPU_MEMORY_NEED_GB,
     ClusterShape,
     TrialResources,
     check_feasible,
@@ -107,6 +108,15 @@ def trial_specs(backbones: list[str], lr: float, lr_grid: list[float]) -> list[T
     if not lr_grid:
         return [TrialSpec(b, b, lr) for b in backbones]
     return [TrialSpec(f"{b}_lr{lr * m:g}", b, lr * m) for b in backbones for m in lr_grid]
+
+
+def start_order(specs: list[TrialSpec]) -> list[TrialSpec]:
+    """Largest backbone first (the summary keeps the user's order).
+
+    Tune starts trials in grid order, so the longest trial starts first and the run ends when
+    it does; when trials queue for GPUs, longest-first also packs them tightest.
+    """
+    return sorted(specs, key=lambda s: GPU_MEMORY_NEED_GB.get(s.backbone, 0.0), reverse=True)
 
 
 def default_run_name() -> str:
@@ -252,7 +262,7 @@ def launch(config: LaunchConfig) -> RunOutcome:
         raise LaunchError(f"{run_storage.uri()} already holds a run; pass --resume "
                           f"{run_storage.uri()} to continue it, or another --name")
     param_space = {
-        "trial": tune.grid_search([dataclasses.asdict(s) for s in specs]),
+        "trial": tune.grid_search([dataclasses.asdict(s) for s in start_order(specs)]),
         "train": config.train.to_dict(),
         "data": {k: v for k, v in data.items() if k != "report"},
         "resources": {b: dataclasses.asdict(r) for b, r in plan.items()},

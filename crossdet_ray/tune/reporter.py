@@ -1,14 +1,18 @@
 """The trial reporter: one backbone's progress into Ray Tune and into the seed's files.
 
-Once per epoch it writes the seed's checkpoint and logs to the trial directory on Tune's storage
-(through `RunStorage`, so the files reach the run directory wherever the driver is), then calls
-`tune.report` with every epoch metric and a Tune checkpoint. The Tune checkpoint holds only a
-small pointer to the seed's `checkpoints/epoch_XXX_*.pth`, so each checkpoint is stored once.
+Once per epoch it writes the seed's logs to the trial directory on Tune's storage (through
+`RunStorage`, so the files reach the run directory wherever the driver is), hands the epoch
+checkpoint to a background writer, then calls `tune.report` with every epoch metric and a Tune
+checkpoint. The Tune checkpoint holds only a small pointer to the seed's
+`checkpoints/epoch_XXX_*.pth`, so each checkpoint is stored once. The pointer can be recorded
+while its file is still being written; a restore that finds the file missing (the trial died
+in those seconds) resumes from the newest earlier epoch file instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -17,9 +21,11 @@ from typing import Any
 
 from ray import tune
 
-from crossdet_ray.engine.run_logs import SeedLogWriter
+from crossdet_ray.engine.run_logs import EPOCH_FILE, SeedLogWriter
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.engine.train import BatchMetrics, EpochMetrics, TrainingSummary
+
+logger = logging.getLogger(__name__)
 
 POINTER_FILE = "crossdet_checkpoint.json"
 
@@ -50,6 +56,28 @@ def load_trial_checkpoint(checkpoint: tune.Checkpoint, trial_storage: RunStorage
     return trial_storage.load_torch(pointer["path"])
 
 
+def resume_checkpoint(checkpoint: tune.Checkpoint, trial_storage: RunStorage
+                      ) -> dict[str, Any] | None:
+    """The seed checkpoint a restarted trial resumes from, or None to start afresh.
+
+    The file the pointer names, or when its background write never finished, the newest
+    earlier epoch file on storage.
+    """
+    pointer = read_checkpoint_pointer(checkpoint)
+    if trial_storage.exists(pointer["path"]):
+        return trial_storage.load_torch(pointer["path"])
+    earlier = sorted((int(m.group(1)), name) for name in trial_storage.list_files("checkpoints")
+                     if (m := EPOCH_FILE.match(name)) and int(m.group(1)) < pointer["epoch"])
+    if not earlier:
+        logger.warning("%s: checkpoint %s was never completed and no earlier epoch file "
+                       "exists; training from epoch 1", pointer.get("backbone"), pointer["path"])
+        return None
+    epoch, name = earlier[-1]
+    logger.warning("%s: checkpoint %s was never completed; resuming from epoch %d instead",
+                   pointer.get("backbone"), pointer["path"], epoch)
+    return trial_storage.load_torch(f"checkpoints/{name}")
+
+
 class TrialReporter:
     """A `TrainingListener` that feeds Tune and writes the seed's files for one trial."""
 
@@ -70,7 +98,7 @@ class TrialReporter:
         start = time.perf_counter()
         # Kept in training_info.json (written with the next update) to show reporting is cheap.
         self.writer.info["reporting_overhead_sec"] = self.overhead_sec
-        # Files first: when Tune records the checkpoint, the file it names already exists.
+        # Logs and the checkpoint's snapshot first; its file is written in the background.
         self.writer.on_epoch_end(metrics, checkpoint)
         with tempfile.TemporaryDirectory() as pointer_dir:
             with open(os.path.join(pointer_dir, POINTER_FILE), "w") as handle:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import traceback
 from typing import Any
 
@@ -21,7 +22,7 @@ from crossdet_ray.engine.run_logs import SeedLogWriter
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.engine.train import fit
 from crossdet_ray.tune.datasets import ensure_dataset
-from crossdet_ray.tune.reporter import TrialReporter, read_checkpoint_pointer
+from crossdet_ray.tune.reporter import TrialReporter, resume_checkpoint
 from crossdet_ray.tune.resources import torch_threads_for
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ def trial_device(granted_gpus: float) -> torch.device:
 
 def train_backbone(config: dict[str, Any]) -> None:
     """Ray Tune function trainable; `config` is built by `crossdet_ray.tune.launcher`."""
+    entered_at = time.time()
     trial = config["trial"]
     train_config = TrainConfig.from_dict(config["train"]).replace(lr=trial["lr"])
     resources = config["resources"][trial["backbone"]]
@@ -58,15 +60,13 @@ def train_backbone(config: dict[str, Any]) -> None:
             "node_ip": ray.util.get_node_ip_address(),
             "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
             "resources": resources, "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "trainable_started_at": entered_at,
         },
     )
 
-    resume_from = None
     tune_checkpoint = tune.get_checkpoint()
-    if tune_checkpoint is not None:
-        pointer = read_checkpoint_pointer(tune_checkpoint)
-        resume_from = trial_storage.load_torch(pointer["path"])
+    resume_from = (resume_checkpoint(tune_checkpoint, trial_storage)
+                   if tune_checkpoint is not None else None)
 
     data_dir = ensure_dataset(config["data"])
     try:

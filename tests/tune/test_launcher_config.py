@@ -1,7 +1,8 @@
 import pytest
 
 from crossdet_ray.config import TrainConfig
-from crossdet_ray.tune.launcher import LaunchConfig, LaunchError, trial_specs, validate
+from crossdet_ray.tune.launcher import (LaunchConfig, LaunchError, start_order, trial_specs,
+                                        validate)
 
 
 def test_trials_are_named_by_backbone_and_grid_lr():
@@ -10,6 +11,15 @@ def test_trials_are_named_by_backbone_and_grid_lr():
     assert len(grid) == 6
     assert [s.name for s in grid[:3]] == ["mit_b0_lr0.0025", "mit_b0_lr0.005", "mit_b0_lr0.01"]
     assert grid[0].lr == pytest.approx(0.0025) and grid[0].backbone == "mit_b0"
+
+
+def test_largest_backbones_start_first_and_lr_grids_stay_together():
+    specs = trial_specs(["mit_b0", "mit_b2", "mit_b5", "mit_b1", "mit_b4"], 0.005, [])
+    assert [s.name for s in start_order(specs)] == ["mit_b5", "mit_b4", "mit_b2", "mit_b1",
+                                                    "mit_b0"]
+    grid = start_order(trial_specs(["mit_b0", "mit_b1"], 0.005, [0.5, 2.0]))
+    assert [s.name for s in grid] == ["mit_b1_lr0.0025", "mit_b1_lr0.01", "mit_b0_lr0.0025",
+                                      "mit_b0_lr0.01"]
 
 
 @pytest.mark.parametrize("changes, message", [
