@@ -3,9 +3,11 @@
     python benchmarks/cpu_throughput.py --backbones mit_b0 mit_b5 --steps 4
 
 Batch 2 of 5 x 240 x 320 frames, min_size 320 (FACTS.md's CPU setting). The baseline turns
-every optimisation switch off (`fused_attention=False`: attention as explicit softmax(QK^T)V);
+every optimisation switch off (`fused_attention=False`: attention as explicit softmax(QK^T)V;
+`vectorized_roi_align=False`: torchvision's RoIAlign kernel);
 the optimised model is the default build. Both start from the same weights; the FPN features
-must agree within 1e-4 relative. Prints a table and writes benchmarks/results/cpu_throughput.json.
+must agree within 1e-4 relative. Their steps alternate, so both see the same machine.
+Prints a table and writes benchmarks/results/cpu_throughput.json.
 """
 
 from __future__ import annotations
@@ -33,19 +35,23 @@ def batch(seed: int = 0):
     return images, targets
 
 
-def step_seconds(model, steps: int) -> float:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
+def median_step_seconds(models: dict[str, torch.nn.Module], steps: int) -> dict[str, float]:
+    """Training steps of the variants taken in turn (A B A B ...), so drift in the machine's
+    speed hits each alike; the median step of each after one warm-up step."""
+    optimizers = {name: torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9,
+                                        weight_decay=5e-4) for name, model in models.items()}
     images, targets = batch()
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in models}
     for index in range(steps + 1):  # the first step warms up allocators and caches
-        start = time.perf_counter()
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if index:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]  # median
+        for name, model in models.items():
+            start = time.perf_counter()
+            loss = sum(model(images, targets).values())
+            optimizers[name].zero_grad()
+            loss.backward()
+            optimizers[name].step()
+            if index:
+                times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def max_relative_difference(a: dict, b: dict) -> float:
@@ -66,7 +72,8 @@ def main() -> None:
         torch.manual_seed(0)
         reference = build_detector(backbone, num_classes=2, min_size=320, max_size=533)
         state = reference.state_dict()
-        timings, features = {}, {}
+        del reference
+        models, features = {}, {}
         for name, switches in VARIANTS.items():
             model = build_detector(backbone, num_classes=2, min_size=320, max_size=533, **switches)
             model.load_state_dict(state)
@@ -74,8 +81,9 @@ def main() -> None:
             with torch.no_grad():
                 frames = torch.stack(batch()[0])
                 features[name] = model.backbone(model.transform(list(frames))[0].tensors)
-            model.train()
-            timings[name] = step_seconds(model, args.steps)
+            models[name] = model.train()
+        timings = median_step_seconds(models, args.steps)
+        del models
         baseline, optimised = timings["eager baseline"], timings["optimised (default)"]
         difference = max_relative_difference(features["optimised (default)"],
                                              features["eager baseline"])

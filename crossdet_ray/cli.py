@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--activation-checkpointing", choices=("auto", "on", "off"),
                        default=defaults.activation_checkpointing,
                        help="recompute encoder blocks in backward: auto = mit_b4/b5 on CUDA")
+    speed.add_argument("--channels-last", choices=("auto", "on", "off"),
+                       default=defaults.channels_last,
+                       help="NHWC memory format for the convolutions: auto = on CUDA only")
     speed.add_argument("--compile", action="store_true", help="torch.compile the encoder")
 
     ray_group = parser.add_argument_group("Ray Tune")
@@ -97,6 +100,7 @@ def config_from_args(args: argparse.Namespace):
         backbones=list(args.backbones), log_dir=args.log_dir, min_size=args.min_size,
         max_size=args.max_size, pretrained=args.pretrained, seed=args.seed, amp=args.amp,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile,
+        channels_last=args.channels_last,
     )
     return LaunchConfig(
         train=train, name=args.name, gpus_per_trial=args.gpus_per_trial,

@@ -38,6 +38,7 @@ class TrainConfig:
     # Speed and memory switches; "auto" turns each on only where it pays and is safe.
     amp: str = "auto"  # "auto" = bf16 autocast on CUDA, fp32 on CPU; "bf16"; "off"
     activation_checkpointing: str = "auto"  # "auto" = on for mit_b4/mit_b5 on CUDA; "on"; "off"
+    channels_last: str = "auto"  # NHWC convolutions: "auto" = on CUDA (tensor cores); "on"; "off"
     compile: bool = False  # torch.compile the encoder (pays on long GPU runs)
     evaluate_every_epoch: bool = True
 

@@ -173,6 +173,15 @@ def use_activation_checkpointing(config: TrainConfig, backbone: str, device: tor
     return config.activation_checkpointing == "on"
 
 
+def use_channels_last(config: TrainConfig, device: torch.device) -> bool:
+    if config.channels_last not in ("auto", "on", "off"):
+        raise ValueError(f"channels_last must be auto, on or off, not {config.channels_last!r}")
+    # On this project's CPU it measured no faster (docs/performance.md); cuDNN's bf16
+    # convolutions run on tensor cores in NHWC.
+    return config.channels_last == "on" or (config.channels_last == "auto"
+                                            and device.type == "cuda")
+
+
 def build_model(config: TrainConfig, backbone: str, num_classes: int,
                 device: torch.device | None = None) -> torch.nn.Module:
     device = device or torch.device("cpu")
@@ -181,6 +190,10 @@ def build_model(config: TrainConfig, backbone: str, num_classes: int,
         backbone, num_classes=num_classes, pretrained=config.pretrained,
         min_size=config.min_size, max_size=config.max_size,
         activation_checkpointing=use_activation_checkpointing(config, backbone, device))
+    if use_channels_last(config, device):
+        # Conv weights become NHWC; each conv then returns NHWC maps, which is also how the
+        # MiT's token tensors already lie in memory when viewed as maps.
+        model = model.to(memory_format=torch.channels_last)
     if config.compile:
         # Frame sizes vary per batch: compile for dynamic shapes instead of recompiling.
         model.backbone.encoder = torch.compile(model.backbone.encoder, dynamic=True)

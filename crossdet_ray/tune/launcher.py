@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +42,7 @@ from crossdet_ray.tune.trainable import train_backbone
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.json"
+WORKER_SETUP_HOOK = "crossdet_ray.tune.worker_setup.import_training_stack"
 
 
 class LaunchError(ValueError):
@@ -135,7 +137,8 @@ def connect_ray(config: LaunchConfig) -> str | None:
         else:
             context = ray.init(include_dashboard=config.dashboard,
                                dashboard_host=config.dashboard_host,
-                               logging_level=logging.WARNING)
+                               logging_level=logging.WARNING,
+                               runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise LaunchError(f"cannot start or reach {where}: {error}; check --address / "
@@ -240,10 +243,15 @@ def launch(config: LaunchConfig) -> RunOutcome:
         return _resume(config)
     validate(config)
     config.name = config.name or default_run_name()
-    data = resolve_data(config)
     request = parse_gpus_per_trial(config.gpus_per_trial, config.train.backbones)
 
-    dashboard_url = connect_ray(config)
+    # The dataset preflight (reading every label and .npy header) runs while Ray starts.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="preflight") as preflight:
+        data_future = preflight.submit(resolve_data, config)
+        try:
+            dashboard_url = connect_ray(config)
+        finally:
+            data = data_future.result()  # a DatasetError wins over a Ray start-up error
     shape = cluster_shape()
     per_backbone = max(len(config.lr_grid), 1)
     plan = plan_resources(request, config.train.backbones, per_backbone, shape,

@@ -144,3 +144,23 @@ def test_activation_checkpointing_gives_the_same_gradients(random_batch):
                                                encoder.extra_block4[1].mlp.fc2.weight)])
     for plain, recomputed in zip(*grads):
         torch.testing.assert_close(plain, recomputed, rtol=1e-4, atol=1e-6)
+
+
+def test_channels_last_changes_memory_layout_not_outputs(random_batch):
+    """--channels-last (auto on CUDA): NHWC conv weights, the same FPN features and losses."""
+    from crossdet_ray.config import TrainConfig
+    from crossdet_ray.engine.train import build_model, use_channels_last
+
+    assert use_channels_last(TrainConfig(), torch.device("cuda"))
+    assert not use_channels_last(TrainConfig(), torch.device("cpu"))
+    outputs = []
+    for switch in ("off", "on"):
+        config = TrainConfig(min_size=64, max_size=64, channels_last=switch)
+        model = build_model(config, "mit_b0", num_classes=2).eval()
+        weight = model.backbone.encoder.patch_embed1.proj.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) == (switch == "on")
+        images, _ = random_batch()
+        with torch.no_grad():
+            outputs.append(model.backbone(model.transform(images)[0].tensors))
+    for name in outputs[0]:
+        torch.testing.assert_close(outputs[1][name], outputs[0][name], rtol=1e-4, atol=1e-5)
