@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -243,15 +242,12 @@ def launch(config: LaunchConfig) -> RunOutcome:
         return _resume(config)
     validate(config)
     config.name = config.name or default_run_name()
+    # The preflight comes before Ray starts, so bad data fails fast with nothing started
+    # (overlapping the two would save at most its 1.6 s per 10,000 frames).
+    data = resolve_data(config)
     request = parse_gpus_per_trial(config.gpus_per_trial, config.train.backbones)
 
-    # The dataset preflight (reading every label and .npy header) runs while Ray starts.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="preflight") as preflight:
-        data_future = preflight.submit(resolve_data, config)
-        try:
-            dashboard_url = connect_ray(config)
-        finally:
-            data = data_future.result()  # a DatasetError wins over a Ray start-up error
+    dashboard_url = connect_ray(config)
     shape = cluster_shape()
     per_backbone = max(len(config.lr_grid), 1)
     plan = plan_resources(request, config.train.backbones, per_backbone, shape,
