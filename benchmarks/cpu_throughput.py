@@ -1,6 +1,6 @@
 """Goal 1: training images/s on the CPU, optimised vs a plain eager fp32 baseline.
 
-    python benchmarks/cpu_throughput.py --backbones mit_b0 mit_b5 --steps 4
+    python benchmarks/cpu_throughput.py --backbones mit_b0 mit_b5 --steps 4 [--profile]
 
 Batch 2 of 5 x 240 x 320 frames, min_size 320 (FACTS.md's CPU setting). The baseline turns
 every optimisation switch off (`fused_attention=False`: attention as explicit softmax(QK^T)V;
@@ -54,6 +54,23 @@ def median_step_seconds(models: dict[str, torch.nn.Module], steps: int) -> dict[
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
+def profile_step(model: torch.nn.Module, top: int = 10) -> list[dict]:
+    """The ops that took the most self CPU time in one training step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
+    images, targets = batch()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+             "share": e.self_cpu_time_total / total} for e in events[:top]]
+
+
 def max_relative_difference(a: dict, b: dict) -> float:
     return max(float(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)))
                for k in a)
@@ -64,6 +81,8 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["mit_b0", "mit_b1", "mit_b2",
                                                            "mit_b4", "mit_b5"])
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where one step's CPU time goes, per variant")
     parser.add_argument("--output", default="benchmarks/results/cpu_throughput.json")
     args = parser.parse_args()
 
@@ -83,6 +102,12 @@ def main() -> None:
                 features[name] = model.backbone(model.transform(list(frames))[0].tensors)
             models[name] = model.train()
         timings = median_step_seconds(models, args.steps)
+        profiles = {name: profile_step(model) for name, model in models.items()} \
+            if args.profile else {}
+        for name, ops in profiles.items():
+            print(f"\n{backbone}, {name}: top ops by self CPU time")
+            print(tabulate([(o["op"][:60], f"{o['self_cpu_ms']:.0f}", f"{100 * o['share']:.1f}%")
+                            for o in ops], headers=("op", "ms", "share"), tablefmt="github"))
         del models
         baseline, optimised = timings["eager baseline"], timings["optimised (default)"]
         difference = max_relative_difference(features["optimised (default)"],
@@ -90,7 +115,8 @@ def main() -> None:
         results[backbone] = {"baseline_step_sec": baseline, "optimised_step_sec": optimised,
                              "baseline_images_per_sec": 2 / baseline,
                              "optimised_images_per_sec": 2 / optimised,
-                             "speedup": baseline / optimised, "fpn_max_rel_diff": difference}
+                             "speedup": baseline / optimised, "fpn_max_rel_diff": difference,
+                             "profiles": profiles}
         rows.append((backbone, f"{2 / baseline:.2f}", f"{2 / optimised:.2f}",
                      f"{baseline / optimised:.2f}x", f"{difference:.1e}"))
     print(tabulate(rows, headers=("backbone", "baseline img/s", "optimised img/s", "speed-up",
