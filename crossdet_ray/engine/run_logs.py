@@ -16,7 +16,7 @@ import logging
 import math
 import re
 import time
-from typing import Any
+from typing import Any, Callable
 
 from crossdet_ray.engine.checkpoint import BackgroundWriter, epoch_checkpoint_name, snapshot
 from crossdet_ray.engine.storage import RunStorage
@@ -125,14 +125,13 @@ class SeedLogWriter:
     def on_batch_end(self, metrics: BatchMetrics) -> None:
         self.batch_rows.append(vars(metrics).copy())
 
-    def on_epoch_end(self, metrics: EpochMetrics, checkpoint: dict[str, Any]) -> None:
+    def on_epoch_end(self, metrics: EpochMetrics, checkpoint: dict[str, Any],
+                     when_written: Callable[[str], None] | None = None) -> None:
+        """Log the epoch, then store its checkpoint; `when_written(path)` runs once the file
+        is complete (on the writer thread when checkpoints are written in the background)."""
         name = f"checkpoints/{epoch_checkpoint_name(metrics.epoch, metrics.avg_loss)}"
-        if self._checkpoint_writes is None:
-            self._write_epoch_checkpoint(checkpoint, name, metrics.is_best)
-        else:
-            self._checkpoint_writes.submit(self._write_epoch_checkpoint, snapshot(checkpoint),
-                                           name, metrics.is_best)
         self.last_checkpoint, self._last_epoch = name, metrics.epoch
+        # Logs first: whoever learns of the checkpoint also finds the epoch's rows.
         row = metrics.as_dict()
         row["checkpoint_path"] = self.storage.uri(name)
         self.epoch_rows.append(row)
@@ -145,6 +144,11 @@ class SeedLogWriter:
             "best_model_path": self.storage.uri("checkpoints/best_model.pth"),
         })
         self._write_info()
+        if self._checkpoint_writes is None:
+            self._write_epoch_checkpoint(checkpoint, name, metrics.is_best, when_written)
+        else:
+            self._checkpoint_writes.submit(self._write_epoch_checkpoint, snapshot(checkpoint),
+                                           name, metrics.is_best, when_written)
 
     def on_train_end(self, summary: TrainingSummary, checkpoint: dict[str, Any]) -> None:
         self.wait_for_checkpoints()
@@ -188,12 +192,14 @@ class SeedLogWriter:
         if self._checkpoint_writes is not None:
             self._checkpoint_writes.close()
 
-    def _write_epoch_checkpoint(self, checkpoint: dict[str, Any], name: str,
-                                is_best: bool) -> None:
+    def _write_epoch_checkpoint(self, checkpoint: dict[str, Any], name: str, is_best: bool,
+                                when_written: Callable[[str], None] | None) -> None:
         self.storage.save_torch(checkpoint, name)
         if is_best:
             self.storage.copy(name, "checkpoints/best_model.pth")
         self._prune_epoch_checkpoints()
+        if when_written is not None:
+            when_written(name)
 
     def _write_csvs(self) -> None:
         self.storage.write_text("logs/epoch_metrics.csv", _csv_text(EPOCH_COLUMNS, self.epoch_rows))

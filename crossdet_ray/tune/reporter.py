@@ -1,12 +1,12 @@
 """The trial reporter: one backbone's progress into Ray Tune and into the seed's files.
 
 Once per epoch it writes the seed's logs to the trial directory on Tune's storage (through
-`RunStorage`, so the files reach the run directory wherever the driver is), hands the epoch
-checkpoint to a background writer, then calls `tune.report` with every epoch metric and a Tune
-checkpoint. The Tune checkpoint holds only a small pointer to the seed's
-`checkpoints/epoch_XXX_*.pth`, so each checkpoint is stored once. The pointer can be recorded
-while its file is still being written; a restore that finds the file missing (the trial died
-in those seconds) resumes from the newest earlier epoch file instead.
+`RunStorage`, so the files reach the run directory wherever the driver is) and hands a snapshot
+of the epoch checkpoint to a background writer; once that file is complete, the writer's
+thread calls `tune.report` with every epoch metric and a Tune checkpoint (Tune's session takes
+reports from any thread of the trial, in order). The Tune checkpoint holds only a small pointer
+to the seed's `checkpoints/epoch_XXX_*.pth`, so each checkpoint is stored once. The next epoch
+trains meanwhile; its own checkpoint waits for the previous write and report.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def resume_checkpoint(checkpoint: tune.Checkpoint, trial_storage: RunStorage
                       ) -> dict[str, Any] | None:
     """The seed checkpoint a restarted trial resumes from, or None to start afresh.
 
-    The file the pointer names, or when its background write never finished, the newest
-    earlier epoch file on storage.
+    The file the pointer names (reported only once complete), or if that file has gone since
+    (removed by hand, or with its node's local disk), the newest earlier epoch file on storage.
     """
     pointer = read_checkpoint_pointer(checkpoint)
     if trial_storage.exists(pointer["path"]):
@@ -98,16 +98,20 @@ class TrialReporter:
         start = time.perf_counter()
         # Kept in training_info.json (written with the next update) to show reporting is cheap.
         self.writer.info["reporting_overhead_sec"] = self.overhead_sec
-        # Logs and the checkpoint's snapshot first; its file is written in the background.
-        self.writer.on_epoch_end(metrics, checkpoint)
+        # Logs now; the checkpoint is written in the background and reported to Tune only once
+        # its file is complete, so a Tune checkpoint never names a missing file.
+        self.writer.on_epoch_end(metrics, checkpoint,
+                                 when_written=lambda path: self._report(metrics, path))
+        self.overhead_sec.append(self._batch_seconds + time.perf_counter() - start)
+        self._batch_seconds = 0.0
+
+    def _report(self, metrics: EpochMetrics, checkpoint_path: str) -> None:
         with tempfile.TemporaryDirectory() as pointer_dir:
             with open(os.path.join(pointer_dir, POINTER_FILE), "w") as handle:
-                json.dump({"epoch": metrics.epoch, "path": self.writer.last_checkpoint,
+                json.dump({"epoch": metrics.epoch, "path": checkpoint_path,
                            "backbone": self.writer.backbone}, handle)
             tune.report(report_metrics(metrics),
                         checkpoint=tune.Checkpoint.from_directory(pointer_dir))
-        self.overhead_sec.append(self._batch_seconds + time.perf_counter() - start)
-        self._batch_seconds = 0.0
 
     def on_train_end(self, summary: TrainingSummary, checkpoint: dict[str, Any]) -> None:
         self.writer.on_train_end(summary, checkpoint)

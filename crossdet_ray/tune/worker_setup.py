@@ -6,6 +6,8 @@ a few worker processes while the driver is still setting up; importing the train
 there, meanwhile, moves that time off the trials' path.
 """
 
+import importlib
+
 
 def import_training_stack() -> None:
-    import crossdet_ray.tune.trainable  # noqa: F401  (the import is the point)
+    importlib.import_module("crossdet_ray.tune.trainable")

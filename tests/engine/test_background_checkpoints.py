@@ -55,9 +55,14 @@ def test_epoch_end_returns_while_the_checkpoint_is_still_being_written(tmp_path)
     storage = GatedStorage(tmp_path)
     writer = _writer(storage)
     weight = torch.ones(4)
-    writer.on_epoch_end(_metrics(1), _checkpoint(1, weight))  # would block here if synchronous
+    written = []  # what the callback (the trial reporter's tune.report) saw
+    writer.on_epoch_end(_metrics(1), _checkpoint(1, weight),  # would block if synchronous
+                        when_written=lambda path: written.append((path, (tmp_path / path).is_file())))
     assert storage.saving.wait(timeout=30)
     assert not list((tmp_path / "checkpoints").glob("epoch_001_*.pth"))
+    assert written == []  # not announced before the file is complete
+    # The epoch's log row is already there for whoever the checkpoint is announced to.
+    assert "epoch_001" in (tmp_path / "logs" / "epoch_metrics.csv").read_text()
     # Training goes on and updates the live tensors in place...
     weight.add_(100.0)
     storage.gate.set()
@@ -69,7 +74,7 @@ def test_epoch_end_returns_while_the_checkpoint_is_still_being_written(tmp_path)
     assert torch.equal(saved["optimizer_state_dict"]["state"][0]["momentum_buffer"],
                        torch.full((4,), 2.0))
     assert (tmp_path / "checkpoints" / "best_model.pth").samefile(saved_path)
-    assert "epoch_001" in writer.last_checkpoint
+    assert written == [(writer.last_checkpoint, True)] and "epoch_001" in written[0][0]
 
 
 def test_a_failed_background_write_is_raised_at_the_next_epoch(tmp_path):
