@@ -71,16 +71,15 @@ def dumps_json(value: Any) -> str:
 class SeedLogWriter:
     """Writes one backbone's files in the seed's layout; a `TrainingListener`.
 
-    With `background_checkpoints`, an epoch's checkpoint is copied (cheap) and written to
-    storage on a thread while the next epoch trains; `last_checkpoint` may then name a file
-    still being written, and `wait_for_checkpoints` is where it is certainly complete.
+    An epoch's checkpoint is copied (cheap) and written to storage on a thread while the next
+    epoch trains; `last_checkpoint` may then name a file still being written, and
+    `wait_for_checkpoints` is where it is certainly complete.
     """
 
     def __init__(self, storage: RunStorage, backbone: str, config: dict[str, Any],
-                 keep_checkpoints: int | None = None, extra_info: dict[str, Any] | None = None,
-                 background_checkpoints: bool = True):
+                 keep_checkpoints: int | None = None, extra_info: dict[str, Any] | None = None):
         self.storage = storage
-        self._checkpoint_writes = BackgroundWriter() if background_checkpoints else None
+        self._checkpoint_writes = BackgroundWriter()
         self.backbone = backbone
         self.config = config
         self.keep_checkpoints = keep_checkpoints
@@ -127,8 +126,8 @@ class SeedLogWriter:
 
     def on_epoch_end(self, metrics: EpochMetrics, checkpoint: dict[str, Any],
                      when_written: Callable[[str], None] | None = None) -> None:
-        """Log the epoch, then store its checkpoint; `when_written(path)` runs once the file
-        is complete (on the writer thread when checkpoints are written in the background)."""
+        """Log the epoch, then store its checkpoint; `when_written(path)` runs on the writer
+        thread once the file is complete."""
         name = f"checkpoints/{epoch_checkpoint_name(metrics.epoch, metrics.avg_loss)}"
         self.last_checkpoint, self._last_epoch = name, metrics.epoch
         # Logs first: whoever learns of the checkpoint also finds the epoch's rows.
@@ -144,11 +143,8 @@ class SeedLogWriter:
             "best_model_path": self.storage.uri("checkpoints/best_model.pth"),
         })
         self._write_info()
-        if self._checkpoint_writes is None:
-            self._write_epoch_checkpoint(checkpoint, name, metrics.is_best, when_written)
-        else:
-            self._checkpoint_writes.submit(self._write_epoch_checkpoint, snapshot(checkpoint),
-                                           name, metrics.is_best, when_written)
+        self._checkpoint_writes.submit(self._write_epoch_checkpoint, snapshot(checkpoint), name,
+                                       metrics.is_best, when_written)
 
     def on_train_end(self, summary: TrainingSummary, checkpoint: dict[str, Any]) -> None:
         self.wait_for_checkpoints()
@@ -189,8 +185,7 @@ class SeedLogWriter:
 
     def wait_for_checkpoints(self) -> None:
         """Block until every epoch checkpoint handed over so far is on storage."""
-        if self._checkpoint_writes is not None:
-            self._checkpoint_writes.close()
+        self._checkpoint_writes.close()
 
     def _write_epoch_checkpoint(self, checkpoint: dict[str, Any], name: str, is_best: bool,
                                 when_written: Callable[[str], None] | None) -> None:

@@ -12,7 +12,6 @@ trains meanwhile; its own checkpoint waits for the previous write and report.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import tempfile
@@ -21,11 +20,9 @@ from typing import Any
 
 from ray import tune
 
-from crossdet_ray.engine.run_logs import EPOCH_FILE, SeedLogWriter
+from crossdet_ray.engine.run_logs import SeedLogWriter
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.engine.train import BatchMetrics, EpochMetrics, TrainingSummary
-
-logger = logging.getLogger(__name__)
 
 POINTER_FILE = "crossdet_checkpoint.json"
 
@@ -54,28 +51,6 @@ def load_trial_checkpoint(checkpoint: tune.Checkpoint, trial_storage: RunStorage
     """The seed checkpoint dict a Tune checkpoint points to (e.g. `ResultGrid[i].checkpoint`)."""
     pointer = read_checkpoint_pointer(checkpoint)
     return trial_storage.load_torch(pointer["path"])
-
-
-def resume_checkpoint(checkpoint: tune.Checkpoint, trial_storage: RunStorage
-                      ) -> dict[str, Any] | None:
-    """The seed checkpoint a restarted trial resumes from, or None to start afresh.
-
-    The file the pointer names (reported only once complete), or if that file has gone since
-    (removed by hand, or with its node's local disk), the newest earlier epoch file on storage.
-    """
-    pointer = read_checkpoint_pointer(checkpoint)
-    if trial_storage.exists(pointer["path"]):
-        return trial_storage.load_torch(pointer["path"])
-    earlier = sorted((int(m.group(1)), name) for name in trial_storage.list_files("checkpoints")
-                     if (m := EPOCH_FILE.match(name)) and int(m.group(1)) < pointer["epoch"])
-    if not earlier:
-        logger.warning("%s: checkpoint %s was never completed and no earlier epoch file "
-                       "exists; training from epoch 1", pointer.get("backbone"), pointer["path"])
-        return None
-    epoch, name = earlier[-1]
-    logger.warning("%s: checkpoint %s was never completed; resuming from epoch %d instead",
-                   pointer.get("backbone"), pointer["path"], epoch)
-    return trial_storage.load_torch(f"checkpoints/{name}")
 
 
 class TrialReporter:

@@ -22,7 +22,7 @@ from crossdet_ray.engine.run_logs import SeedLogWriter
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.engine.train import fit
 from crossdet_ray.tune.datasets import ensure_dataset
-from crossdet_ray.tune.reporter import TrialReporter, resume_checkpoint
+from crossdet_ray.tune.reporter import TrialReporter, load_trial_checkpoint
 from crossdet_ray.tune.resources import torch_threads_for
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def train_backbone(config: dict[str, Any]) -> None:
     )
 
     tune_checkpoint = tune.get_checkpoint()
-    resume_from = (resume_checkpoint(tune_checkpoint, trial_storage)
+    resume_from = (load_trial_checkpoint(tune_checkpoint, trial_storage)
                    if tune_checkpoint is not None else None)
 
     data_dir = ensure_dataset(config["data"])
