@@ -41,7 +41,6 @@ from crossdet_ray.tune.trainable import train_backbone
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.json"
-WORKER_SETUP_HOOK = "crossdet_ray.tune.worker_setup.import_training_stack"
 
 
 class LaunchError(ValueError):
@@ -136,8 +135,7 @@ def connect_ray(config: LaunchConfig) -> str | None:
         else:
             context = ray.init(include_dashboard=config.dashboard,
                                dashboard_host=config.dashboard_host,
-                               logging_level=logging.WARNING,
-                               runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
+                               logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise LaunchError(f"cannot start or reach {where}: {error}; check --address / "
