@@ -35,20 +35,27 @@ def batch(seed: int = 0):
     return images, targets
 
 
+def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images, targets) -> None:
+    loss = sum(model(images, targets).values())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
 def median_step_seconds(models: dict[str, torch.nn.Module], steps: int) -> dict[str, float]:
     """Training steps of the variants taken in turn (A B A B ...), so drift in the machine's
     speed hits each alike; the median step of each after one warm-up step."""
-    optimizers = {name: torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9,
-                                        weight_decay=5e-4) for name, model in models.items()}
+    optimizers = {name: sgd(model) for name, model in models.items()}
     images, targets = batch()
     times: dict[str, list[float]] = {name: [] for name in models}
     for index in range(steps + 1):  # the first step warms up allocators and caches
         for name, model in models.items():
             start = time.perf_counter()
-            loss = sum(model(images, targets).values())
-            optimizers[name].zero_grad()
-            loss.backward()
-            optimizers[name].step()
+            train_step(model, optimizers[name], images, targets)
             if index:
                 times[name].append(time.perf_counter() - start)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
@@ -58,13 +65,10 @@ def profile_step(model: torch.nn.Module, top: int = 10) -> list[dict]:
     """The ops that took the most self CPU time in one training step."""
     from torch.profiler import ProfilerActivity, profile
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
+    optimizer = sgd(model)
     images, targets = batch()
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, images, targets)
     events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     return [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3,

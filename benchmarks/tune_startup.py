@@ -26,7 +26,6 @@ from pathlib import Path
 from tabulate import tabulate
 
 
-
 def empty_trainable(config):
     from ray import tune
 
