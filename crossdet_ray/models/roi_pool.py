@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.poolers import _setup_scales
+from torchvision.ops.poolers import _filter_input, _setup_scales
 
 
 def _axis_samples(start: Tensor, end: Tensor, size: Tensor, pooled: int,
@@ -93,7 +93,7 @@ class VectorizedMultiScaleRoIAlign(MultiScaleRoIAlign):
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]]) -> Tensor:
-        features = [v for k, v in x.items() if k in self.featmap_names]
+        features = _filter_input(x, self.featmap_names)
         if features[0].is_cuda or self.sampling_ratio <= 0 or len(features) == 1:
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
