@@ -9,7 +9,7 @@ import torch
 
 from crossdet_ray.engine import train as train_module
 from crossdet_ray.engine.checkpoint import CHECKPOINT_KEYS, CheckpointError, load_checkpoint
-from crossdet_ray.engine.run_logs import BATCH_COLUMNS, EPOCH_COLUMNS, SeedLogWriter
+from crossdet_ray.engine.run_logs import EPOCH_COLUMNS, SeedLogWriter
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.engine.train import NonFiniteLossError, fit, select_device
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 
 def epoch_rows(trial_dir: Path) -> list[dict[str, str]]:
@@ -45,3 +48,32 @@ def assert_epochs_once(trial_dir: Path, epochs: int) -> None:
     batches = [(int(r["epoch"]), int(r["batch"])) for r in batch_rows(trial_dir)]
     assert len(batches) == len(set(batches)), "a batch row is duplicated"
     assert sorted({e for e, _ in batches}) == list(range(1, epochs + 1))
+
+
+# Reading files another process is writing: not there yet, or not yet holding the key.
+READ_RACES = (FileNotFoundError, KeyError, json.JSONDecodeError)
+
+# Tune registers a reported checkpoint only after a second round trip to the trial's actor (a
+# `save` task), so a `checkpoint_*` directory can exist that a restarted trial never sees. A
+# trial that has logged this many epochs reported the first epoch's checkpoint a whole epoch
+# ago: an interrupt from then on resumes at epoch 2 or later.
+EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT = 2
+
+
+def poll_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05,
+               process: subprocess.Popen | None = None) -> bool:
+    """True once `condition()` holds; False if `timeout` seconds pass or `process` ends first.
+
+    A condition that raises one of READ_RACES counts as not yet true.
+    """
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if condition():
+                return True
+        except READ_RACES:
+            pass
+        if process is not None and process.poll() is not None:
+            return False
+        time.sleep(interval)
+    return False

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .helpers import assert_epochs_once, epoch_rows, training_info
+from .helpers import (EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT, assert_epochs_once, epoch_rows,
+                      poll_until, training_info)
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,22 +81,16 @@ def test_gpu_request_without_gpu_fails_fast(tiny_dataset, tmp_path):
 
 def test_resume_after_sigint_trains_no_epoch_twice(tiny_dataset, tmp_path):
     run_dir = tmp_path / "logs" / "interrupted"
-    args = _small(tiny_dataset, tmp_path / "logs", "--name", "interrupted", "--epochs", "3",
+    args = _small(tiny_dataset, tmp_path / "logs", "--name", "interrupted", "--epochs", "4",
                   "--gpus-per-trial", "0", "--cpus-per-trial", "1")
     args = tuple(a for a in args if a != "--no-dashboard")  # this run shows its dashboard
     process = subprocess.Popen(_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, cwd=ROOT)
     trial = run_dir / "mit_b0"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        try:
-            if len(epoch_rows(trial)) >= 1 and list(trial.glob("checkpoint_*")):
-                break
-        except FileNotFoundError:
-            pass
-        if process.poll() is not None:
-            pytest.fail(f"the run ended before it could be interrupted: {process.stderr.read()}")
-        time.sleep(0.1)
+    if not poll_until(lambda: len(epoch_rows(trial)) >= EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT,
+                      timeout=240, interval=0.1, process=process):
+        process.kill()
+        pytest.fail(f"the run ended before it could be interrupted: {process.communicate()[1]}")
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0, "an interrupted run must not exit 0"
@@ -103,11 +98,11 @@ def test_resume_after_sigint_trains_no_epoch_twice(tiny_dataset, tmp_path):
     # A local run starts Ray's dashboard on the loopback interface only, and says where.
     assert "Ray dashboard: http://127.0.0.1:" in stderr
     done_before = len(epoch_rows(trial))
-    assert done_before < 3, "the run finished before the interrupt"
+    assert done_before < 4, "the run finished before the interrupt"
 
     result = _run("--resume", str(run_dir), "--no-dashboard", "--verbose", "0")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_epochs_once(trial, 3)
+    assert_epochs_once(trial, 4)
     info = training_info(trial)
     assert info["status"] == "completed"
     # It continued from its last checkpoint (the epoch just done, or the one before when the

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import threading
-import time
 
 import pytest
 
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.tune.launcher import LaunchConfig, launch
 
-from .helpers import assert_epochs_once, epoch_rows, training_info
+from .helpers import (EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT, assert_epochs_once, epoch_rows,
+                      poll_until, training_info)
 
 pytestmark = pytest.mark.ray
 
@@ -45,27 +44,20 @@ def test_trials_spread_and_survive_a_lost_node(three_nodes, tiny_dataset, tmp_pa
     names = ["mit_b0_lr0.0025", "mit_b0_lr0.005"]
     removed = {}
 
-    def remove_a_node_after_first_epochs():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                ready = all(len(epoch_rows(run_dir / n)) >= 1 and
-                            list((run_dir / n).glob("checkpoint_*")) for n in names)
-                if ready:
-                    removed["initial_nodes"] = {
-                        n: training_info(run_dir / n)["node_id"] for n in names}
-                    victim_trial = names[0]
-                    node_id = training_info(run_dir / victim_trial)["node_id"]
-                    node = next(w for w in workers if w.node_id == node_id)
-                    removed.update(node_id=node_id, trial=victim_trial,
-                                   epochs=len(epoch_rows(run_dir / victim_trial)))
-                    cluster.remove_node(node, allow_graceful=False)
-                    return
-            except (FileNotFoundError, KeyError, json.JSONDecodeError):
-                pass
-            time.sleep(0.05)
+    def remove_a_node_once_tune_holds_checkpoints():
+        if not poll_until(lambda: all(
+                len(epoch_rows(run_dir / n)) >= EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT
+                for n in names), timeout=300):
+            return
+        removed["initial_nodes"] = {n: training_info(run_dir / n)["node_id"] for n in names}
+        victim_trial = names[0]
+        node_id = removed["initial_nodes"][victim_trial]
+        node = next(w for w in workers if w.node_id == node_id)
+        removed.update(node_id=node_id, trial=victim_trial,
+                       epochs=len(epoch_rows(run_dir / victim_trial)))
+        cluster.remove_node(node, allow_graceful=False)
 
-    watcher = threading.Thread(target=remove_a_node_after_first_epochs, daemon=True)
+    watcher = threading.Thread(target=remove_a_node_once_tune_holds_checkpoints, daemon=True)
     watcher.start()
     outcome = launch(_config(tiny_dataset, tmp_path, "multinode", epochs=4))
     watcher.join(timeout=5)

@@ -10,10 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from .helpers import EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT, poll_until
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +61,7 @@ def test_run_and_resume_with_the_run_directory_in_s3(s3_server, tiny_dataset):
                "&region=us-east-1")
     prefix = "runs/cloud/"
     command = [sys.executable, str(ROOT / "experiments" / "all_backbones.py")]
-    args = ["--data", tiny_dataset, "--backbones", "mit_b0", "--epochs", "3", "--min-size", "64",
+    args = ["--data", tiny_dataset, "--backbones", "mit_b0", "--epochs", "4", "--min-size", "64",
             "--max-size", "64", "--num-workers", "0", "--log-dir", log_dir, "--name", "cloud",
             "--gpus-per-trial", "0", "--cpus-per-trial", "1", "--keep-checkpoints", "2",
             "--no-dashboard", "--verbose", "0"]
@@ -68,17 +69,17 @@ def test_run_and_resume_with_the_run_directory_in_s3(s3_server, tiny_dataset):
     env.pop("RAY_ADDRESS", None)
     process = subprocess.Popen(command + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, cwd=ROOT, env=env)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        keys = _keys(client, prefix + "mit_b0/")
-        rows = []
-        if prefix + "mit_b0/logs/epoch_metrics.csv" in keys:
-            rows = list(csv.DictReader(io.StringIO(_text(client, prefix + "mit_b0/logs/epoch_metrics.csv"))))
-        if rows and any("/checkpoint_" in k for k in keys):
-            break
-        if process.poll() is not None:
-            pytest.fail(f"the run ended early: {process.stderr.read()[-3000:]}")
-        time.sleep(0.2)
+    epochs_csv = prefix + "mit_b0/logs/epoch_metrics.csv"
+
+    def epochs_logged() -> int:
+        if epochs_csv not in _keys(client, prefix + "mit_b0/"):
+            return 0
+        return len(list(csv.DictReader(io.StringIO(_text(client, epochs_csv)))))
+
+    if not poll_until(lambda: epochs_logged() >= EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT,
+                      timeout=240, interval=0.2, process=process):
+        process.kill()
+        pytest.fail(f"the run ended early: {process.communicate()[1][-3000:]}")
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0 and "--resume" in stderr
@@ -95,10 +96,10 @@ def test_run_and_resume_with_the_run_directory_in_s3(s3_server, tiny_dataset):
                  "mit_b0/checkpoints/mit_b0_final_complete.pth"):
         assert prefix + name in keys, name
     epoch_files = [k for k in keys if "/checkpoints/epoch_" in k]
-    assert len(epoch_files) == 2 and epoch_files[-1].split("/")[-1].startswith("epoch_003_")
+    assert len(epoch_files) == 2 and epoch_files[-1].split("/")[-1].startswith("epoch_004_")
     assert not [k for k in keys if ".tmp-" in k]
     rows = list(csv.DictReader(io.StringIO(_text(client, prefix + "mit_b0/logs/epoch_metrics.csv"))))
-    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
     info = json.loads(_text(client, prefix + "mit_b0/logs/training_info.json"))
     assert info["status"] == "completed" and min(info["resumed_at_epochs"]) >= 2
     assert info["final_model_path"].startswith(f"s3://{BUCKET}/{prefix}")

@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -19,7 +18,8 @@ from crossdet_ray.engine.run_logs import EPOCH_COLUMNS
 from crossdet_ray.tune.launcher import LaunchConfig, launch
 from crossdet_ray.tune.resources import ResourceError
 
-from .helpers import assert_epochs_once, epoch_rows, max_concurrency, training_info, windows
+from .helpers import (EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT, assert_epochs_once, epoch_rows,
+                      max_concurrency, poll_until, training_info, windows)
 
 pytestmark = pytest.mark.ray
 
@@ -136,20 +136,14 @@ def test_killed_trial_resumes_from_its_checkpoint(local_ray, tiny_dataset, tmp_p
     victim = run_dir / "mit_b0_lr0.005"
     killed = {}
 
-    def kill_after_first_epoch():
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            try:
-                # Kill once Tune holds the epoch-1 checkpoint, in the middle of epoch 2.
-                if len(epoch_rows(victim)) >= 1 and list(victim.glob("checkpoint_*")):
-                    pid = training_info(victim)["pid"]
-                    os.kill(pid, signal.SIGKILL)
-                    killed["pid"] = pid
-            except (FileNotFoundError, KeyError, json.JSONDecodeError):
-                pass
-            time.sleep(0.05)
+    def kill_once_tune_holds_a_checkpoint():
+        if poll_until(lambda: len(epoch_rows(victim)) >= EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT,
+                      timeout=300):
+            pid = training_info(victim)["pid"]
+            os.kill(pid, signal.SIGKILL)
+            killed["pid"] = pid
 
-    watcher = threading.Thread(target=kill_after_first_epoch, daemon=True)
+    watcher = threading.Thread(target=kill_once_tune_holds_a_checkpoint, daemon=True)
     watcher.start()
     outcome = launch(_config(tiny_dataset, tmp_path, "killed", epochs=3, gpus_per_trial="0",
                              lr_grid=[0.5, 1.0], max_failures=2))
