@@ -13,7 +13,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch.utils.data import DataLoader
@@ -195,9 +195,18 @@ def build_model(config: TrainConfig, backbone: str, num_classes: int,
         # MiT's token tensors already lie in memory when viewed as maps.
         model = model.to(memory_format=torch.channels_last)
     if config.compile:
-        # Frame sizes vary per batch: compile for dynamic shapes instead of recompiling.
-        model.backbone.encoder = torch.compile(model.backbone.encoder, dynamic=True)
+        compile_encoder(model)
     return model
+
+
+def compile_encoder(model: torch.nn.Module, backend: str | Callable = "inductor") -> None:
+    """torch.compile the detector's encoder in place.
+
+    In place (`Module.compile`), not `torch.compile(module)`: the wrapper that returns would add
+    `_orig_mod.` to every checkpoint key, and the backbone's call into the encoder would go
+    around it. Frame sizes vary per batch: compiled for dynamic shapes, not once per size.
+    """
+    model.backbone.encoder.compile(dynamic=True, backend=backend)
 
 
 def build_optimizer(config: TrainConfig, model: torch.nn.Module):
