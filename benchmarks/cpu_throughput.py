@@ -4,8 +4,8 @@
 
 Batch 2 of 5 x 240 x 320 frames, min_size 320 (FACTS.md's CPU setting). The baseline turns
 every optimisation switch off (`fused_attention=False`: attention as explicit softmax(QK^T)V;
-`vectorized_roi_align=False`: torchvision's RoIAlign kernel);
-the optimised model is the default build. Both start from the same weights; the FPN features
+`vectorized_roi_align=False`: torchvision's RoIAlign kernel; `build_optimizer(fused=False)`:
+SGD's per-tensor loop); the optimised model is the default build with the engine's optimizer. Both start from the same weights; the FPN features
 must agree within 1e-4 relative. Their steps alternate, so both see the same machine.
 Prints a table and writes benchmarks/results/cpu_throughput.json.
 """
@@ -21,10 +21,13 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from crossdet_ray.config import TrainConfig
+from crossdet_ray.engine.train import build_optimizer
 from crossdet_ray.models import build_detector
 
 VARIANTS = {"eager baseline": {"fused_attention": False, "vectorized_roi_align": False},
             "optimised (default)": {}}
+FUSED_OPTIMIZER = {"eager baseline": False, "optimised (default)": True}
 
 
 def batch(seed: int = 0):
@@ -35,8 +38,9 @@ def batch(seed: int = 0):
     return images, targets
 
 
-def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
+def sgd(model: torch.nn.Module, fused: bool = True) -> torch.optim.Optimizer:
+    """The engine's optimizer (the reference's SGD settings)."""
+    return build_optimizer(TrainConfig(), model, fused=fused)[0]
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images, targets) -> None:
@@ -49,7 +53,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images,
 def median_step_seconds(models: dict[str, torch.nn.Module], steps: int) -> dict[str, float]:
     """Training steps of the variants taken in turn (A B A B ...), so drift in the machine's
     speed hits each alike; the median step of each after one warm-up step."""
-    optimizers = {name: sgd(model) for name, model in models.items()}
+    optimizers = {name: sgd(model, FUSED_OPTIMIZER[name]) for name, model in models.items()}
     images, targets = batch()
     times: dict[str, list[float]] = {name: [] for name in models}
     for index in range(steps + 1):  # the first step warms up allocators and caches
@@ -61,11 +65,11 @@ def median_step_seconds(models: dict[str, torch.nn.Module], steps: int) -> dict[
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def profile_step(model: torch.nn.Module, top: int = 10) -> list[dict]:
+def profile_step(model: torch.nn.Module, fused_optimizer: bool, top: int = 10) -> list[dict]:
     """The ops that took the most self CPU time in one training step."""
     from torch.profiler import ProfilerActivity, profile
 
-    optimizer = sgd(model)
+    optimizer = sgd(model, fused_optimizer)
     images, targets = batch()
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         train_step(model, optimizer, images, targets)
@@ -106,7 +110,8 @@ def main() -> None:
                 features[name] = model.backbone(model.transform(list(frames))[0].tensors)
             models[name] = model.train()
         timings = median_step_seconds(models, args.steps)
-        profiles = {name: profile_step(model) for name, model in models.items()} \
+        profiles = {name: profile_step(model, FUSED_OPTIMIZER[name])
+                    for name, model in models.items()} \
             if args.profile else {}
         for name, ops in profiles.items():
             print(f"\n{backbone}, {name}: top ops by self CPU time")

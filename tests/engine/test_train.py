@@ -182,3 +182,28 @@ def test_seed_layout_written_by_log_writer(two_epoch_run, tmp_path):
     _, epoch_rows = _rows(tmp_path / "logs" / "epoch_metrics.csv")
     assert [r["epoch"] for r in epoch_rows] == ["1"]
     assert not (tmp_path / "checkpoints" / epoch2).exists()
+
+
+def test_optimizer_is_fused_sgd_with_the_plain_update():
+    """The fused SGD step makes the reference's update (weight decay, momentum, lr, StepLR)."""
+    from crossdet_ray.config import TrainConfig
+    from crossdet_ray.engine.train import build_optimizer
+
+    torch.manual_seed(0)
+    fused_model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                      torch.nn.Linear(16, 2))
+    plain_model = copy.deepcopy(fused_model)
+    initial = copy.deepcopy(fused_model)
+    config = TrainConfig(lr=0.1)
+    fused_optimizer, _ = build_optimizer(config, fused_model)
+    plain_optimizer, _ = build_optimizer(config, plain_model, fused=False)
+    assert fused_optimizer.param_groups[0]["fused"] and not plain_optimizer.param_groups[0]["fused"]
+    for step in range(3):
+        batch = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        for model, optimizer in ((fused_model, fused_optimizer), (plain_model, plain_optimizer)):
+            optimizer.zero_grad()
+            model(batch).square().sum().backward()
+            optimizer.step()
+    for fused, plain in zip(fused_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(fused_model[0].weight, initial[0].weight)  # it did train
