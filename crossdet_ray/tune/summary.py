@@ -148,6 +148,18 @@ def rankings(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
             "inference_ms_per_image": ranked("infer_ms_per_image", False)}
 
 
+def _ranking_line(order: list[str], rows: list[dict[str, Any]], key: str, digits: int) -> str:
+    """`a > b = c`: trials whose values print the same (to `digits`) are tied, not ranked."""
+    values = {r["trial"]: round(r[key], digits) for r in rows if r.get(key) is not None}
+    groups: list[tuple[float, list[str]]] = []
+    for trial in order:
+        if groups and groups[-1][0] == values[trial]:
+            groups[-1][1].append(trial)
+        else:
+            groups.append((values[trial], [trial]))
+    return " > ".join(" = ".join(trials) for _, trials in groups) or "-"
+
+
 def best_lr_per_backbone(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The LR whose trial reached the highest mAP (the lowest loss where mAP is missing)."""
     best: dict[str, dict[str, Any]] = {}
@@ -175,9 +187,12 @@ def format_table(summary: dict[str, Any]) -> str:
     ]
     lines = [tabulate(table, headers=headers, tablefmt="github"), ""]
     ranks = summary["rankings"]
-    lines.append("Accuracy ranking (mAP):   " + (" > ".join(ranks["accuracy_map"]) or "-"))
+    rows = summary["results"]
+    lines.append("Accuracy ranking (mAP):   "
+                 + _ranking_line(ranks["accuracy_map"], rows, "map", digits=3))
     lines.append("Speed ranking (train img/s): "
-                 + (" > ".join(ranks["training_speed_images_per_sec"]) or "-"))
+                 + _ranking_line(ranks["training_speed_images_per_sec"], rows,
+                                 "train_images_per_sec", digits=2))
     for backbone, best in summary.get("best_lr_per_backbone", {}).items():
         lines.append(f"Best LR for {backbone}: {best['lr']:g} ({best['trial']})")
     lines.append(f"{summary['num_succeeded']} of {summary['num_trials']} trials succeeded, "
