@@ -7,6 +7,7 @@ training without Ray), and a checkpoint dict comes in to resume.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import resource
@@ -275,8 +276,10 @@ def fit(
     amp = use_amp(config, device)
     optimizer, scheduler = build_optimizer(config, model)
 
+    # elapsed_sec: seconds since the run first started, at each epoch's end, over every attempt.
     history: dict[str, list] = {"epoch_losses": [], "epoch_times": [], "learning_rates": [],
-                                "images_per_sec": [], "map": [], "map50": [], "map75": []}
+                                "images_per_sec": [], "map": [], "map50": [], "map75": [],
+                                "elapsed_sec": []}
     start_epoch, best_loss, best_epoch = 1, math.inf, 0
     if resume_from is not None:
         checkpoint = validate_checkpoint(resume_from, "the resume checkpoint")
@@ -288,14 +291,19 @@ def fit(
         start_epoch = int(checkpoint["epoch"]) + 1
         best_loss, best_epoch = float(checkpoint["best_loss"]), int(checkpoint["best_epoch"])
         history.update({k: list(v) for k, v in checkpoint.get("history", {}).items()})
+        if len(history["elapsed_sec"]) != len(history["epoch_losses"]):
+            # A checkpoint from before elapsed_sec (or the reference's): its epochs' own times.
+            history["elapsed_sec"] = list(itertools.accumulate(history["epoch_times"]))
         logger.info("%s: resuming at epoch %d of %d", backbone, start_epoch, config.epochs)
 
+    elapsed_before = history["elapsed_sec"][-1] if history["elapsed_sec"] else 0.0
     num_parameters = count_parameters(model)
     listener.on_train_start({
         "backbone": backbone, "num_classes": num_classes, "num_parameters": num_parameters,
         "device": str(device), "amp_bf16": amp,
         "activation_checkpointing": bool(getattr(getattr(getattr(
-            model, "backbone", None), "encoder", None), "activation_checkpointing", False)), "train_images": len(train_set), "test_images": len(test_set),
+            model, "backbone", None), "encoder", None), "activation_checkpointing", False)),
+        "train_images": len(train_set), "test_images": len(test_set),
         "start_epoch": start_epoch, "started_at": run_started_at,
     })
 
@@ -334,7 +342,8 @@ def fit(
                            ("learning_rates", learning_rate), ("images_per_sec", images_per_sec),
                            ("map", metrics.map if metrics else None),
                            ("map50", metrics.map50 if metrics else None),
-                           ("map75", metrics.map75 if metrics else None)):
+                           ("map75", metrics.map75 if metrics else None),
+                           ("elapsed_sec", elapsed_before + time.perf_counter() - run_start)):
             history[key].append(value)
 
         epoch_metrics = EpochMetrics(
@@ -378,7 +387,7 @@ def fit(
         map=at_best("map"), map50=at_best("map50"), map75=at_best("map75"),
         train_images_per_sec=sum(speeds) / len(speeds) if speeds else 0.0,
         infer_ms_per_image=timing.infer_ms_per_image, fps=timing.fps,
-        total_time_sec=time.perf_counter() - run_start, history=history,
+        total_time_sec=elapsed_before + time.perf_counter() - run_start, history=history,
     )
     listener.on_train_end(summary, checkpoint)
     return summary

@@ -87,10 +87,16 @@ def test_resumed_run_matches_uninterrupted_run(two_epoch_run):
     config, recorder, _ = two_epoch_run
     first_epoch_checkpoint = recorder.checkpoints[0]
     resumed = Recorder()
-    fit(config, "mit_b0", config.data, listener=resumed, resume_from=first_epoch_checkpoint)
+    summary = fit(config, "mit_b0", config.data, listener=resumed,
+                  resume_from=first_epoch_checkpoint)
     assert [m.epoch for m in resumed.epochs] == [2]
     assert resumed.epochs[0].avg_loss == pytest.approx(recorder.epochs[1].avg_loss, rel=1e-5)
     assert resumed.epochs[0].learning_rate == pytest.approx(0.0025)
+    # The run's time counts the first attempt's epoch as well as this attempt.
+    first_attempt_sec = first_epoch_checkpoint["history"]["elapsed_sec"][-1]
+    elapsed = summary.history["elapsed_sec"]
+    assert len(elapsed) == 2 and elapsed[0] == first_attempt_sec < elapsed[1]
+    assert summary.total_time_sec >= first_attempt_sec + resumed.epochs[0].epoch_time_sec
 
 
 def test_resume_checkpoint_of_other_backbone_is_refused(two_epoch_run):
