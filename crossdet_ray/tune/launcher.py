@@ -27,11 +27,11 @@ from crossdet_ray.engine.run_logs import dumps_json
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.tune.datasets import ensure_dataset, folder_spec, synthetic_spec
 from crossdet_ray.tune.resources import (
-    DEFAULT_GPU_MEMORY_GB,
     GPU_MEMORY_NEED_GB,
     ClusterShape,
     TrialResources,
     check_feasible,
+    cluster_gpu_memory_gb,
     parse_gpus_per_trial,
     plan_resources,
 )
@@ -147,16 +147,13 @@ def connect_ray(config: LaunchConfig) -> str | None:
 
 
 def cluster_shape() -> ClusterShape:
-    nodes = tuple(
-        {"CPU": float(n["Resources"].get("CPU", 0)), "GPU": float(n["Resources"].get("GPU", 0))}
-        for n in ray.nodes() if n.get("Alive")
-    )
-    gpu_memory = DEFAULT_GPU_MEMORY_GB
-    if torch.cuda.is_available():
-        gpu_memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = tuple({"CPU": float(r.get("CPU", 0)), "GPU": float(r.get("GPU", 0))} for r in alive)
+    local_gpu_memory = (torch.cuda.get_device_properties(0).total_memory / 2**30
+                        if torch.cuda.is_available() else None)
     return ClusterShape(total_cpus=sum(n["CPU"] for n in nodes),
                         total_gpus=sum(n["GPU"] for n in nodes), nodes=nodes,
-                        gpu_memory_gb=gpu_memory)
+                        gpu_memory_gb=cluster_gpu_memory_gb(alive, local_gpu_memory))
 
 
 def _trial_bundle(config: dict[str, Any]) -> tune.PlacementGroupFactory:

@@ -7,7 +7,9 @@ trial starts only when its share is free, so fractions decide how many run at on
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from dataclasses import dataclass
 
 # Peak training memory per backbone at batch 2, 800x1333 input, fp32, in GiB: weights, grads
@@ -20,7 +22,12 @@ GPU_MEMORY_NEED_GB: dict[str, float] = {
     "mit_b4": 30.4,
     "mit_b5": 35.0,
 }
+logger = logging.getLogger(__name__)
+
 DEFAULT_GPU_MEMORY_GB = 80.0  # an A100/H100 80 GB, what the reference was run on
+# A node's custom resource that states its GPUs' memory, e.g. {"gpu_memory_24gb": 1} in
+# cluster.yaml: the head that plans the trials often has no GPU to ask.
+GPU_MEMORY_RESOURCE = re.compile(r"^gpu_memory_(\d+(?:\.\d+)?)gb$")
 
 
 class ResourceError(ValueError):
@@ -104,6 +111,24 @@ class ClusterShape:
     gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB
 
 
+def cluster_gpu_memory_gb(node_resources: list[dict[str, float]],
+                          local_gpu_memory_gb: float | None) -> float:
+    """The GPU memory `auto` packs trials for: the smallest GPU among the nodes that have one.
+
+    A GPU node states its memory with a `gpu_memory_<N>gb` resource; one that does not is taken
+    to have the local GPU's memory (if the planner has a GPU) or DEFAULT_GPU_MEMORY_GB.
+    """
+    unstated = local_gpu_memory_gb or DEFAULT_GPU_MEMORY_GB
+    sizes = []
+    for resources in node_resources:
+        if resources.get("GPU", 0) <= 0:
+            continue
+        stated = [float(match.group(1)) for key in resources
+                  if (match := GPU_MEMORY_RESOURCE.match(key))]
+        sizes.append(min(stated) if stated else unstated)
+    return min(sizes) if sizes else unstated
+
+
 def _floor(value: float, step: float = 0.01) -> float:
     return math.floor(value / step + 1e-9) * step
 
@@ -135,6 +160,12 @@ def plan_resources(
             else:
                 need = GPU_MEMORY_NEED_GB.get(backbone, cluster.gpu_memory_gb)
                 gpu = min(1.0, max(0.01, _floor(need / cluster.gpu_memory_gb)))
+                if need > cluster.gpu_memory_gb:
+                    logger.warning(
+                        "%s needs about %.0f GB at 800 px in fp32 and the smallest GPU has "
+                        "%.0f GB: it gets a whole GPU but may run out of memory; lower "
+                        "--min-size, or keep --amp and --activation-checkpointing at auto",
+                        backbone, need, cluster.gpu_memory_gb)
         else:
             gpu = request.share_for(backbone)
         plan[backbone] = TrialResources(cpu=float(cpus_per_trial), gpu=float(gpu))

@@ -1,10 +1,12 @@
 import pytest
 
 from crossdet_ray.tune.resources import (
+    DEFAULT_GPU_MEMORY_GB,
     ClusterShape,
     ResourceError,
     TrialResources,
     check_feasible,
+    cluster_gpu_memory_gb,
     parse_gpus_per_trial,
     plan_resources,
     torch_threads_for,
@@ -69,3 +71,32 @@ def test_impossible_requests_fail_with_advice():
 def test_threads_follow_the_cpu_share():
     assert torch_threads_for(0.4) == 1
     assert torch_threads_for(4) == 4
+
+
+def test_gpu_memory_comes_from_the_nodes_stated_resources():
+    small = {"CPU": 8, "GPU": 1, "gpu_memory_24gb": 1}
+    large = {"CPU": 8, "GPU": 1, "gpu_memory_48gb": 1}
+    head = {"CPU": 0}
+    # cluster.yaml's node types: packed for the smallest GPU, whatever the head has.
+    assert cluster_gpu_memory_gb([head, small, large], None) == 24
+    assert cluster_gpu_memory_gb([head, large], None) == 48
+    # A GPU node that states nothing has the planner's own GPU, else the default.
+    assert cluster_gpu_memory_gb([large, {"CPU": 8, "GPU": 1}], 16.0) == 16
+    assert cluster_gpu_memory_gb([{"CPU": 8, "GPU": 1}], None) == DEFAULT_GPU_MEMORY_GB
+    assert cluster_gpu_memory_gb([head], 40.0) == 40
+
+
+def test_auto_packs_fewer_trials_on_a_24gb_gpu_than_on_an_80gb_one(caplog):
+    def shares(memory_gb):
+        cluster = ClusterShape(total_cpus=8, total_gpus=1, nodes=({"CPU": 8, "GPU": 1},),
+                               gpu_memory_gb=memory_gb)
+        plan = plan_resources(parse_gpus_per_trial("auto", ALL), ALL, 1, cluster, None)
+        return {backbone: share.gpu for backbone, share in plan.items()}
+
+    on_24, on_80 = shares(cluster_gpu_memory_gb([{"CPU": 8, "GPU": 1, "gpu_memory_24gb": 1}],
+                                                None)), shares(80)
+    assert on_24["mit_b0"] == pytest.approx(0.42) and on_80["mit_b0"] == pytest.approx(0.12)
+    assert on_24["mit_b5"] == 1.0  # 35 GB does not fit in 24: a whole GPU, the most there is
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("mit_b5 needs about 35 GB" in m and "has 24 GB" in m for m in warned)
+    assert not any("mit_b0" in m for m in warned)
