@@ -1,6 +1,6 @@
 """Goal 1: training images/s on the CPU, optimised vs a plain eager fp32 baseline.
 
-    python benchmarks/cpu_throughput.py --backbones mit_b0 mit_b5 --steps 4 [--profile]
+    python benchmarks/cpu_throughput.py --backbones mit_b0 mit_b5 --steps 4 [--profile] [--compile]
 
 Batch 2 of 5 x 240 x 320 frames, min_size 320 (FACTS.md's CPU setting). The baseline turns
 every optimisation switch off (`fused_attention=False`: attention as explicit softmax(QK^T)V;
@@ -22,7 +22,7 @@ import torch
 from tabulate import tabulate
 
 from crossdet_ray.config import TrainConfig
-from crossdet_ray.engine.train import build_optimizer
+from crossdet_ray.engine.train import build_optimizer, compile_encoder
 from crossdet_ray.models import build_detector
 
 VARIANTS = {"eager baseline": {"fused_attention": False, "vectorized_roi_align": False},
@@ -50,17 +50,20 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images,
     optimizer.step()
 
 
+WARM_UP_STEPS = 2  # the first two steps fault in fresh memory (momentum, grads): 2-6 s of sys
+
+
 def median_step_seconds(models: dict[str, torch.nn.Module], steps: int) -> dict[str, float]:
     """Training steps of the variants taken in turn (A B A B ...), so drift in the machine's
-    speed hits each alike; the median step of each after one warm-up step."""
+    speed hits each alike; the median step of each after the warm-up steps."""
     optimizers = {name: sgd(model, FUSED_OPTIMIZER[name]) for name, model in models.items()}
     images, targets = batch()
     times: dict[str, list[float]] = {name: [] for name in models}
-    for index in range(steps + 1):  # the first step warms up allocators and caches
+    for index in range(WARM_UP_STEPS + steps):
         for name, model in models.items():
             start = time.perf_counter()
             train_step(model, optimizers[name], images, targets)
-            if index:
+            if index >= WARM_UP_STEPS:
                 times[name].append(time.perf_counter() - start)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
@@ -91,6 +94,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--profile", action="store_true",
                         help="also print where one step's CPU time goes, per variant")
+    parser.add_argument("--compile", action="store_true",
+                        help="also torch.compile the optimised model's encoder (as --compile "
+                             "does in training); its first steps then include compiling")
     parser.add_argument("--output", default="benchmarks/results/cpu_throughput.json")
     args = parser.parse_args()
 
@@ -109,6 +115,8 @@ def main() -> None:
                 frames = torch.stack(batch()[0])
                 features[name] = model.backbone(model.transform(list(frames))[0].tensors)
             models[name] = model.train()
+        if args.compile:
+            compile_encoder(models["optimised (default)"])
         timings = median_step_seconds(models, args.steps)
         profiles = {name: profile_step(model, FUSED_OPTIMIZER[name])
                     for name, model in models.items()} \
