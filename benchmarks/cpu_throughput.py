@@ -1,6 +1,6 @@
 """Goal 1: training images/s on the CPU, optimised vs a plain eager fp32 baseline.
 
-    python benchmarks/cpu_throughput.py --backbones mit_b0 mit_b5 --steps 4 [--profile] [--compile]
+    python benchmarks/cpu_throughput.py --backbones mit_b0 mit_b5 --steps 4 [--profile] [--compile {dynamic,static}]
 
 Batch 2 of 5 x 240 x 320 frames, min_size 320 (FACTS.md's CPU setting). The baseline turns
 every optimisation switch off (`fused_attention=False`: attention as explicit softmax(QK^T)V;
@@ -94,9 +94,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--profile", action="store_true",
                         help="also print where one step's CPU time goes, per variant")
-    parser.add_argument("--compile", action="store_true",
-                        help="also torch.compile the optimised model's encoder (as --compile "
-                             "does in training); its first steps then include compiling")
+    parser.add_argument("--compile", choices=("dynamic", "static"),
+                        help="also torch.compile the optimised model's encoder, for dynamic "
+                             "shapes (as --compile does on CUDA) or for this one frame size; "
+                             "the warm-up steps then include compiling")
     parser.add_argument("--output", default="benchmarks/results/cpu_throughput.json")
     args = parser.parse_args()
 
@@ -116,7 +117,7 @@ def main() -> None:
                 features[name] = model.backbone(model.transform(list(frames))[0].tensors)
             models[name] = model.train()
         if args.compile:
-            compile_encoder(models["optimised (default)"])
+            compile_encoder(models["optimised (default)"], dynamic=args.compile == "dynamic")
         timings = median_step_seconds(models, args.steps)
         profiles = {name: profile_step(model, FUSED_OPTIMIZER[name])
                     for name, model in models.items()} \

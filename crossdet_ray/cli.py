@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--channels-last", choices=("auto", "on", "off"),
                        default=defaults.channels_last,
                        help="NHWC memory format for the convolutions: auto = on CUDA only")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the encoder (CUDA only; ignored with a warning on "
+                            "the CPU)")
 
     ray_group = parser.add_argument_group("Ray Tune")
     ray_group.add_argument("--gpus-per-trial", default="auto",

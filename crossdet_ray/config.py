@@ -39,7 +39,7 @@ class TrainConfig:
     amp: str = "auto"  # "auto" = bf16 autocast on CUDA, fp32 on CPU; "bf16"; "off"
     activation_checkpointing: str = "auto"  # "auto" = on for mit_b4/mit_b5 on CUDA; "on"; "off"
     channels_last: str = "auto"  # NHWC convolutions: "auto" = on CUDA (tensor cores); "on"; "off"
-    compile: bool = False  # torch.compile the encoder (pays on long GPU runs)
+    compile: bool = False  # torch.compile the encoder on CUDA (ignored on the CPU)
     evaluate_every_epoch: bool = True
 
     def to_dict(self) -> dict[str, Any]:

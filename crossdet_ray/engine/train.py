@@ -196,18 +196,27 @@ def build_model(config: TrainConfig, backbone: str, num_classes: int,
         # MiT's token tensors already lie in memory when viewed as maps.
         model = model.to(memory_format=torch.channels_last)
     if config.compile:
-        compile_encoder(model)
+        if device.type == "cuda":
+            compile_encoder(model)
+        else:
+            # torch 2.14.1's inductor fails on this encoder's dynamic shapes on the CPU
+            # (InductorError: cannot determine truth value of Relational), and a static
+            # compile measured no faster there (docs/performance.md).
+            logger.warning("--compile is ignored on the CPU (%s): it fails on this model's "
+                           "dynamic shapes there and measured no faster; training runs eager",
+                           backbone)
     return model
 
 
-def compile_encoder(model: torch.nn.Module, backend: str | Callable = "inductor") -> None:
+def compile_encoder(model: torch.nn.Module, backend: str | Callable = "inductor",
+                    dynamic: bool = True) -> None:
     """torch.compile the detector's encoder in place.
 
     In place (`Module.compile`), not `torch.compile(module)`: the wrapper that returns would add
     `_orig_mod.` to every checkpoint key, and the backbone's call into the encoder would go
     around it. Frame sizes vary per batch: compiled for dynamic shapes, not once per size.
     """
-    model.backbone.encoder.compile(dynamic=True, backend=backend)
+    model.backbone.encoder.compile(dynamic=dynamic, backend=backend)
 
 
 def build_optimizer(config: TrainConfig, model: torch.nn.Module, fused: bool = True):

@@ -191,3 +191,13 @@ def test_compile_runs_the_encoder_through_torch_compile_and_keeps_checkpoint_key
     assert list(model.state_dict()) == keys  # no `_orig_mod.` prefix: checkpoints still load
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5)
+
+
+def test_compile_is_skipped_with_a_warning_on_the_cpu(caplog):
+    from crossdet_ray.config import TrainConfig
+    from crossdet_ray.engine.train import build_model
+
+    config = TrainConfig(min_size=64, max_size=64, compile=True)
+    model = build_model(config, "mit_b0", num_classes=2, device=torch.device("cpu"))
+    assert model.backbone.encoder._compiled_call_impl is None  # runs eager
+    assert any("--compile is ignored on the CPU" in r.getMessage() for r in caplog.records)
