@@ -1,8 +1,14 @@
-"""What the five-backbone benchmarks share: their flags and the TrainConfig they imply."""
+"""What the benchmarks share: the five-backbone flags, the TrainConfig they imply, JSON output."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
 
 from crossdet_ray.config import BACKBONES, TrainConfig
 
@@ -20,3 +26,12 @@ def run_train_config(args: argparse.Namespace, **changes) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, min_size=args.min_size,
                        max_size=max(args.min_size, int(args.min_size * 1333 / 800)),
                        num_workers=0, backbones=args.backbones, **changes)
+
+
+def write_results(args: argparse.Namespace, **payload: Any) -> None:
+    """`args.output` as JSON: the machine, the arguments, then `payload`."""
+    machine = {"platform": platform.platform(), "torch": torch.__version__,
+               "threads": torch.get_num_threads()}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps({"machine": machine, "args": vars(args), **payload},
+                                            indent=2))

@@ -13,14 +13,12 @@ Prints a table and writes benchmarks/results/cpu_throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
+from common import write_results
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.engine.train import build_optimizer, compile_encoder
 from crossdet_ray.models import build_detector
@@ -139,11 +137,7 @@ def main() -> None:
                      f"{baseline / optimised:.2f}x", f"{difference:.1e}"))
     print(tabulate(rows, headers=("backbone", "baseline img/s", "optimised img/s", "speed-up",
                                   "FPN max rel diff"), tablefmt="github"))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
-        "args": vars(args), "results": results}, indent=2))
+    write_results(args, results=results)
 
 
 if __name__ == "__main__":

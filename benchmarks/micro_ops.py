@@ -13,14 +13,13 @@ Prints a table and writes benchmarks/results/micro_ops.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tabulate import tabulate
+
+from common import write_results
 
 ATTENTION_SHAPES = ((1, 8960, 140), (2, 2240, 140), (5, 560, 140), (8, 140, 140))  # heads, N, keys
 REDUCTION_SHAPES = ((80, 112, 64, 8), (40, 56, 128, 4), (20, 28, 320, 2))  # H, W, C, ratio
@@ -94,11 +93,7 @@ def main() -> None:
                     for r in results],
                    headers=("op", "shape", "default ms (SDPA / conv)",
                             "alternative ms (explicit / patch matmul)"), tablefmt="github"))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
-        "args": vars(args), "results": results}, indent=2))
+    write_results(args, results=results)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,14 @@ Prints a table and writes benchmarks/results/step_by_step.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import time
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
+from common import write_results
 from cpu_throughput import batch, sgd, train_step
 from crossdet_ray.models import build_detector
 
@@ -54,11 +52,7 @@ def main() -> None:
                    headers=("step", "wall s", "user s", "system s", "minor faults"),
                    tablefmt="github"))
     environment = {key: os.environ[key] for key in ENVIRONMENT_KEYS if key in os.environ}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
-        "args": vars(args), "environment": environment, "steps": steps}, indent=2))
+    write_results(args, environment=environment, steps=steps)
 
 
 if __name__ == "__main__":
