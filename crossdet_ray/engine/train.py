@@ -214,7 +214,8 @@ def compile_encoder(model: torch.nn.Module, backend: str | Callable = "inductor"
 
     In place (`Module.compile`), not `torch.compile(module)`: the wrapper that returns would add
     `_orig_mod.` to every checkpoint key, and the backbone's call into the encoder would go
-    around it. Frame sizes vary per batch: compiled for dynamic shapes, not once per size.
+    around it. `dynamic` (the default) because frame sizes vary per batch: one compile for all
+    sizes instead of one per size.
     """
     model.backbone.encoder.compile(dynamic=dynamic, backend=backend)
 

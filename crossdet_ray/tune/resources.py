@@ -12,6 +12,8 @@ import math
 import re
 from dataclasses import dataclass
 
+logger = logging.getLogger(__name__)
+
 # Peak training memory per backbone at batch 2, 800x1333 input, fp32, in GiB: weights, grads
 # and momentum plus activations measured at min_size 320 and scaled by the pixel count
 # (benchmarks/memory.py; docs/scale.md). Used only to pack trials with `--gpus-per-trial auto`.
@@ -22,8 +24,6 @@ GPU_MEMORY_NEED_GB: dict[str, float] = {
     "mit_b4": 30.4,
     "mit_b5": 35.0,
 }
-logger = logging.getLogger(__name__)
-
 DEFAULT_GPU_MEMORY_GB = 80.0  # an A100/H100 80 GB, what the reference was run on
 # A node's custom resource that states its GPUs' memory, e.g. {"gpu_memory_24gb": 1} in
 # cluster.yaml: the head that plans the trials often has no GPU to ask.
