@@ -60,6 +60,11 @@ READ_RACES = (FileNotFoundError, KeyError, json.JSONDecodeError)
 EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT = 2
 
 
+def tune_holds_a_checkpoint(trial_dir: Path) -> bool:
+    """True once an interrupt of this trial resumes it from a checkpoint (see above)."""
+    return len(epoch_rows(trial_dir)) >= EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT
+
+
 def poll_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05,
                process: subprocess.Popen | None = None) -> bool:
     """True once `condition()` holds; False if `timeout` seconds pass or `process` ends first.

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .helpers import (EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT, assert_epochs_once, epoch_rows,
-                      poll_until, training_info)
+from .helpers import (assert_epochs_once, epoch_rows, poll_until, training_info,
+                      tune_holds_a_checkpoint)
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,8 +87,8 @@ def test_resume_after_sigint_trains_no_epoch_twice(tiny_dataset, tmp_path):
     process = subprocess.Popen(_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, cwd=ROOT)
     trial = run_dir / "mit_b0"
-    if not poll_until(lambda: len(epoch_rows(trial)) >= EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT,
-                      timeout=240, interval=0.1, process=process):
+    if not poll_until(lambda: tune_holds_a_checkpoint(trial), timeout=240, interval=0.1,
+                      process=process):
         process.kill()
         pytest.fail(f"the run ended before it could be interrupted: {process.communicate()[1]}")
     process.send_signal(signal.SIGINT)

@@ -9,8 +9,8 @@ import pytest
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.tune.launcher import LaunchConfig, launch
 
-from .helpers import (EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT, assert_epochs_once, epoch_rows,
-                      poll_until, training_info)
+from .helpers import (assert_epochs_once, epoch_rows, poll_until, training_info,
+                      tune_holds_a_checkpoint)
 
 pytestmark = pytest.mark.ray
 
@@ -45,9 +45,8 @@ def test_trials_spread_and_survive_a_lost_node(three_nodes, tiny_dataset, tmp_pa
     removed = {}
 
     def remove_a_node_once_tune_holds_checkpoints():
-        if not poll_until(lambda: all(
-                len(epoch_rows(run_dir / n)) >= EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT
-                for n in names), timeout=300):
+        if not poll_until(lambda: all(tune_holds_a_checkpoint(run_dir / n) for n in names),
+                          timeout=300):
             return
         removed["initial_nodes"] = {n: training_info(run_dir / n)["node_id"] for n in names}
         victim_trial = names[0]

@@ -18,8 +18,8 @@ from crossdet_ray.engine.run_logs import EPOCH_COLUMNS
 from crossdet_ray.tune.launcher import LaunchConfig, launch
 from crossdet_ray.tune.resources import ResourceError
 
-from .helpers import (EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT, assert_epochs_once, epoch_rows,
-                      max_concurrency, poll_until, training_info, windows)
+from .helpers import (assert_epochs_once, epoch_rows, max_concurrency, poll_until,
+                      training_info, tune_holds_a_checkpoint, windows)
 
 pytestmark = pytest.mark.ray
 
@@ -137,8 +137,7 @@ def test_killed_trial_resumes_from_its_checkpoint(local_ray, tiny_dataset, tmp_p
     killed = {}
 
     def kill_once_tune_holds_a_checkpoint():
-        if poll_until(lambda: len(epoch_rows(victim)) >= EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT,
-                      timeout=300):
+        if poll_until(lambda: tune_holds_a_checkpoint(victim), timeout=300):
             pid = training_info(victim)["pid"]
             os.kill(pid, signal.SIGKILL)
             killed["pid"] = pid
