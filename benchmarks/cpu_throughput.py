@@ -1,12 +1,14 @@
 """Goal 1: training images/s on the CPU, optimised vs a plain eager fp32 baseline.
 
-    python benchmarks/cpu_throughput.py --backbones mit_b0 mit_b5 --steps 4 [--profile] [--compile {dynamic,static}]
+    python benchmarks/cpu_throughput.py --backbones mit_b0 mit_b5 --steps 4 [--profile]
+        [--compile {dynamic,static}]
 
 Batch 2 of 5 x 240 x 320 frames, min_size 320 (FACTS.md's CPU setting). The baseline turns
 every optimisation switch off (`fused_attention=False`: attention as explicit softmax(QK^T)V;
 `vectorized_roi_align=False`: torchvision's RoIAlign kernel; `build_optimizer(fused=False)`:
-SGD's per-tensor loop); the optimised model is the default build with the engine's optimizer. Both start from the same weights; the FPN features
-must agree within 1e-4 relative. Their steps alternate, so both see the same machine.
+SGD's per-tensor loop); the optimised model is the default build with the engine's optimizer.
+Both start from the same weights; the FPN features must agree within 1e-4 relative. Their
+steps alternate, so both see the same machine.
 Prints a table and writes benchmarks/results/cpu_throughput.json.
 """
 
