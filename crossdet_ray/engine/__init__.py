@@ -9,6 +9,7 @@ from crossdet_ray.engine.train import (
     EpochMetrics,
     NonFiniteLossError,
     TrainingListener,
+    TrainingStopped,
     TrainingSummary,
     fit,
     select_device,
@@ -17,6 +18,6 @@ from crossdet_ray.engine.train import (
 __all__ = [
     "BATCH_COLUMNS", "EPOCH_COLUMNS", "BatchMetrics", "CheckpointError", "CocoMetrics",
     "EpochMetrics", "NonFiniteLossError", "RunStorage", "SeedLogWriter", "TrainingListener",
-    "TrainingSummary", "coco_metrics", "epoch_checkpoint_name", "evaluate_coco", "fit",
+    "TrainingStopped", "TrainingSummary", "coco_metrics", "epoch_checkpoint_name", "evaluate_coco", "fit",
     "load_checkpoint", "measure_inference", "select_device",
 ]

@@ -80,8 +80,9 @@ def snapshot(value: Any) -> Any:
 class BackgroundWriter:
     """Runs file writes one at a time on a thread, so the next epoch trains meanwhile.
 
-    `submit` first waits for the previous write, so at most one is in flight and a failed
-    write (a full disk, a lost bucket) is raised in the training thread at the next epoch.
+    `submit` first waits for the previous write, so at most one is in flight; a failed write
+    (a full disk, a lost bucket) is raised in the training thread by `raise_if_failed`,
+    which the training loop calls at every batch, or at the next `submit` or `wait`.
     """
 
     def __init__(self) -> None:
@@ -99,6 +100,12 @@ class BackgroundWriter:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
+
+    def raise_if_failed(self) -> None:
+        """Raise the write's error now if it already failed; never blocks."""
+        pending = self._pending
+        if pending is not None and pending.done() and pending.exception() is not None:
+            self.wait()
 
     def close(self) -> None:
         try:

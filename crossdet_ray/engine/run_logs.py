@@ -5,6 +5,12 @@ Layout under one backbone's directory (the seed's, unchanged):
     <backbone>_final_complete.pth
     logs/epoch_metrics.csv, logs/batch_metrics.csv, logs/training_info.json
 Every file goes through `RunStorage`, so it is written atomically, locally or to a cloud bucket.
+
+The promise of these files: **a row in epoch_metrics.csv means the epoch is safe.** An epoch is
+committed on the checkpoint writer's thread in this order: its checkpoint file is complete on
+storage, it is announced (`report`, i.e. Tune learns of it), then its epoch and batch rows and
+training_info.json are written, and only then are older epoch files pruned. A crash anywhere
+in between leaves the logs at or behind what a resume will find, never ahead of it.
 """
 
 from __future__ import annotations
@@ -15,12 +21,20 @@ import json
 import logging
 import math
 import re
+import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from crossdet_ray.engine.checkpoint import BackgroundWriter, epoch_checkpoint_name, snapshot
+from crossdet_ray.engine.checkpoint import (
+    BackgroundWriter,
+    CheckpointError,
+    epoch_checkpoint_name,
+    snapshot,
+    validate_checkpoint,
+)
 from crossdet_ray.engine.storage import RunStorage
-from crossdet_ray.engine.train import BatchMetrics, EpochMetrics, TrainingSummary
+from crossdet_ray.engine.train import BatchMetrics, EpochMetrics, TrainingStopped, TrainingSummary
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +51,14 @@ BATCH_COLUMNS = (
 )
 EPOCH_FILE = re.compile(r"^epoch_(\d{3,})_loss_.*\.pth$")
 PARTIAL_FILE = re.compile(r"\.tmp-[0-9a-f]{8}$")  # RunStorage's temporary names
+EPOCH_LOG = "logs/epoch_metrics.csv"
+BATCH_LOG = "logs/batch_metrics.csv"
+INFO_FILE = "logs/training_info.json"
+
+# What `report` receives with a committed epoch: the checkpoint's relative path and the
+# epoch's log entry {"epoch", "epoch_row", "batch_rows"}, so whoever is told of the checkpoint
+# can restore the rows should the process die before it writes them.
+ReportEpoch = Callable[[str, dict[str, Any]], None]
 
 
 def _csv_text(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
@@ -68,39 +90,121 @@ def dumps_json(value: Any) -> str:
     return json.dumps(_json_safe(value), indent=2, default=str)
 
 
+def epoch_files(storage: RunStorage) -> dict[int, str]:
+    """Complete epoch checkpoints under checkpoints/, by epoch (temporaries left out)."""
+    files = {}
+    for name in storage.list_files("checkpoints"):
+        match = EPOCH_FILE.match(name)
+        if match and not PARTIAL_FILE.search(name):
+            files[int(match.group(1))] = name
+    return files
+
+
+def logged_epochs(storage: RunStorage) -> list[int]:
+    return [int(row["epoch"]) for row in _read_csv(storage, EPOCH_LOG)]
+
+
+@dataclass
+class ResumePoint:
+    """Where a trial continues: after `checkpoint` (None: from epoch 1)."""
+
+    checkpoint: dict[str, Any] | None = None
+    path: str | None = None
+    # The resumed epoch's rows, when the process died between announcing it and logging it.
+    log_entry: dict[str, Any] | None = None
+    unreadable: list[str] = field(default_factory=list)  # damaged files passed over
+
+    @property
+    def epoch(self) -> int:
+        return int(self.checkpoint["epoch"]) if self.checkpoint else 0
+
+
+def find_resume_point(storage: RunStorage, announced: dict[str, Any] | None = None
+                      ) -> ResumePoint:
+    """The newest safe epoch checkpoint of one trial that loads.
+
+    Safe: logged in epoch_metrics.csv, or `announced` (the epoch Tune last confirmed, with its
+    log entry). An epoch file newer than both was written but never announced: it is not
+    trusted, and that epoch is trained again. A damaged file is named in a warning and the
+    next older one is tried; if none loads, CheckpointError names them all.
+    """
+    logged = set(logged_epochs(storage))
+    announced_epoch = int(announced["epoch"]) if announced else 0
+    newest_safe = max(logged | {announced_epoch})
+    files = epoch_files(storage)
+    unreadable: list[str] = []
+    for epoch in sorted((e for e in files if e <= newest_safe), reverse=True):
+        relative = f"checkpoints/{files[epoch]}"
+        try:
+            checkpoint = validate_checkpoint(storage.load_torch(relative), storage.uri(relative))
+        except Exception as error:  # truncated, corrupt or foreign: torch raises many types
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            logger.warning("checkpoint %s cannot be read (%s): resuming from an older epoch",
+                           storage.uri(relative), reason[:200])
+            unreadable.append(storage.uri(relative))
+            continue
+        entry = None
+        if epoch not in logged and announced and announced_epoch == epoch:
+            entry = announced.get("log")
+        return ResumePoint(checkpoint, storage.uri(relative), entry, unreadable)
+    if unreadable:
+        raise CheckpointError(
+            f"no epoch checkpoint of {storage.uri()} can be read ({', '.join(unreadable)}); "
+            "restore one from a backup, or delete the trial's checkpoints/ and logs/ to train "
+            "it from epoch 1")
+    if logged:
+        raise CheckpointError(
+            f"{storage.uri(EPOCH_LOG)} shows epochs up to {max(logged)} but no epoch checkpoint "
+            f"remains under {storage.uri('checkpoints')}; restore it, or delete the trial's "
+            "logs/ to train it from epoch 1")
+    return ResumePoint()
+
+
 class SeedLogWriter:
     """Writes one backbone's files in the seed's layout; a `TrainingListener`.
 
-    An epoch's checkpoint is copied (cheap) and written to storage on a thread while the next
-    epoch trains; `last_checkpoint` may then name a file still being written, and
-    `wait_for_checkpoints` is where it is certainly complete.
+    Each epoch is committed on a background thread (see the module docstring), so the next
+    epoch trains while the checkpoint is written. A failed write is raised in the training
+    thread at its next batch (`raise_if_failed`), not an epoch later.
     """
 
     def __init__(self, storage: RunStorage, backbone: str, config: dict[str, Any],
-                 keep_checkpoints: int | None = None, extra_info: dict[str, Any] | None = None):
+                 keep_checkpoints: int | None = None, extra_info: dict[str, Any] | None = None,
+                 recovered_entry: dict[str, Any] | None = None):
         self.storage = storage
-        self._checkpoint_writes = BackgroundWriter()
         self.backbone = backbone
         self.config = config
         self.keep_checkpoints = keep_checkpoints
+        self.recovered_entry = recovered_entry
         self.info: dict[str, Any] = {
             "backbone": backbone, "status": "running", "config": config,
             **(extra_info or {}),
         }
-        self.epoch_rows: list[dict[str, Any]] = []
+        self.epoch_rows: list[dict[str, Any]] = []  # committed epochs only
         self.batch_rows: list[dict[str, Any]] = []
-        self.last_checkpoint: str | None = None  # relative path of the newest epoch checkpoint
+        self._epoch_batches: list[dict[str, Any]] = []  # the epoch in training
+        self.last_checkpoint: str | None = None  # relative path of the newest committed epoch
         self._last_epoch = 0
+        self._writes = BackgroundWriter()
+        self._files_lock = threading.Lock()  # rows and info are written from two threads
+        self._submit_lock = threading.Lock()
+        self._closed = False
 
     # -- listener interface -------------------------------------------------------------
     def on_train_start(self, info: dict[str, Any]) -> None:
         start_epoch = int(info.get("start_epoch", 1))
-        # A resumed run continues these files; rows past the checkpoint it resumes from were
-        # written by an attempt that died before its checkpoint counted, so they go.
-        self.epoch_rows = [r for r in _read_csv(self.storage, "logs/epoch_metrics.csv")
+        # Rows past the resume point were written by an attempt whose later checkpoint
+        # is not used (damaged, or a resume from an older one): they go, and are retrained.
+        self.epoch_rows = [r for r in _read_csv(self.storage, EPOCH_LOG)
                            if int(r["epoch"]) < start_epoch]
-        self.batch_rows = [r for r in _read_csv(self.storage, "logs/batch_metrics.csv")
+        self.batch_rows = [r for r in _read_csv(self.storage, BATCH_LOG)
                            if int(r["epoch"]) < start_epoch]
+        entry = self.recovered_entry
+        if entry and int(entry["epoch"]) == start_epoch - 1 and not any(
+                int(r["epoch"]) == start_epoch - 1 for r in self.epoch_rows):
+            self.epoch_rows.append(entry["epoch_row"])
+            self.batch_rows.extend(entry["batch_rows"])
+        previous = self._read_previous_info()
         self.info.update({
             "num_classes": info["num_classes"], "model_parameters": info["num_parameters"],
             "device": info["device"], "train_images": info["train_images"],
@@ -110,103 +214,177 @@ class SeedLogWriter:
             # build), then its first epoch about to start.
             "fit_started_at": info.get("started_at"),
             "train_started_at": time.time(),
+            "resumed_at_epochs": list(previous.get("resumed_at_epochs", [])),
+            "epochs_completed": start_epoch - 1,
         })
         if start_epoch > 1:
-            self.info.setdefault("resumed_at_epochs", []).append(start_epoch)
+            self.info["resumed_at_epochs"].append(start_epoch)
         for name in self.storage.list_files("checkpoints"):
             match = EPOCH_FILE.match(name)
             # Epochs past the resume point, and temporaries of a write a crash cut short.
             if (match and int(match.group(1)) >= start_epoch) or PARTIAL_FILE.search(name):
                 self.storage.delete(f"checkpoints/{name}")
-        self._write_csvs()
-        self._write_info()
+        with self._files_lock:
+            self._write_csvs()
+            self._write_info()
 
     def on_batch_end(self, metrics: BatchMetrics) -> None:
-        self.batch_rows.append(vars(metrics).copy())
+        self._epoch_batches.append(vars(metrics).copy())
+
+    def should_stop(self) -> bool:
+        """Raise a failed background write now; True once `close_for_stop` was called."""
+        self.raise_if_failed()
+        return self._closed
 
     def on_epoch_end(self, metrics: EpochMetrics, checkpoint: dict[str, Any],
-                     when_written: Callable[[str], None] | None = None) -> None:
-        """Log the epoch, then store its checkpoint; `when_written(path)` runs on the writer
-        thread once the file is complete."""
+                     report: ReportEpoch | None = None) -> None:
+        """Commit the epoch in the background: checkpoint file, `report`, rows, pruning."""
         name = f"checkpoints/{epoch_checkpoint_name(metrics.epoch, metrics.avg_loss)}"
-        self.last_checkpoint, self._last_epoch = name, metrics.epoch
-        # Logs first: whoever learns of the checkpoint also finds the epoch's rows.
         row = metrics.as_dict()
         row["checkpoint_path"] = self.storage.uri(name)
-        self.epoch_rows.append(row)
-        self._write_csvs()
-        self.info.update({
+        entry = {"epoch": metrics.epoch, "epoch_row": row, "batch_rows": self._epoch_batches}
+        self._epoch_batches = []
+        info = {
             "epochs_completed": metrics.epoch, "best_epoch": metrics.best_epoch,
             "best_loss": metrics.best_loss,
             "epoch_losses": list(checkpoint["history"]["epoch_losses"]),
             "epoch_times": list(checkpoint["history"]["epoch_times"]),
             "best_model_path": self.storage.uri("checkpoints/best_model.pth"),
-        })
-        self._write_info()
-        self._checkpoint_writes.submit(self._write_epoch_checkpoint, snapshot(checkpoint), name,
-                                       metrics.is_best, when_written)
+        }
+        with self._submit_lock:
+            if self._closed:  # a stop was asked for: this epoch is not committed
+                raise TrainingStopped(f"{self.backbone}: stopped before epoch {metrics.epoch} "
+                                      "was saved; it will be trained again on --resume")
+            self._writes.submit(self._commit_epoch, snapshot(checkpoint), name,
+                                metrics.is_best, entry, info, report)
 
     def on_train_end(self, summary: TrainingSummary, checkpoint: dict[str, Any]) -> None:
         self.wait_for_checkpoints()
         final = f"checkpoints/{self.backbone}_final.pth"
         complete = f"checkpoints/{self.backbone}_final_complete.pth"
-        self.storage.save_torch(checkpoint["model_state_dict"], final)
+        # CPU copies: a file written on a GPU must load on a machine without one.
+        self.storage.save_torch(snapshot(checkpoint["model_state_dict"]), final)
         if self.last_checkpoint and checkpoint["epoch"] == self._last_epoch:
             # The final complete checkpoint is the last epoch's: a second name, not a copy.
             self.storage.copy(self.last_checkpoint, complete)
         else:
-            self.storage.save_torch(checkpoint, complete)
-        self._write_csvs()
-        self.info.update({
-            "status": "completed", "train_finished_at": time.time(),
-            "final_model_path": self.storage.uri(final),
-            "final_complete_path": self.storage.uri(complete),
-            "best_model_path": self.storage.uri("checkpoints/best_model.pth"),
-            **{k: v for k, v in summary.as_dict().items() if k != "history"},
-            "epoch_losses": summary.history.get("epoch_losses", []),
-            "epoch_times": summary.history.get("epoch_times", []),
-            "history": summary.history,
-        })
-        self._write_info()
+            self.storage.save_torch(snapshot(checkpoint), complete)
+        with self._files_lock:
+            self._write_csvs()
+            self.info.update({
+                "status": "completed", "train_finished_at": time.time(),
+                "final_model_path": self.storage.uri(final),
+                "final_complete_path": self.storage.uri(complete),
+                "best_model_path": self.storage.uri("checkpoints/best_model.pth"),
+                **{k: v for k, v in summary.as_dict().items() if k != "history"},
+                "epoch_losses": summary.history.get("epoch_losses", []),
+                "epoch_times": summary.history.get("epoch_times", []),
+                "history": summary.history,
+            })
+            self._write_info()
 
-    # -- failures and helpers --------------------------------------------------------------
-    def mark_failed(self, error: str) -> None:
+    # -- stopping, failures and helpers ----------------------------------------------------
+    def close_for_stop(self) -> None:
+        """Accept no new epoch, and wait until the one being committed (if any) is done.
+
+        Called on Ctrl-C: the in-flight checkpoint is finished and announced, then the trial
+        can be stopped with its logs and checkpoints in step.
+        """
+        with self._submit_lock:
+            self._closed = True
+        self._writes.wait()
+
+    def raise_if_failed(self) -> None:
+        self._writes.raise_if_failed()
+
+    def mark_failed(self, error: str, **details: Any) -> None:
         try:
             self.wait_for_checkpoints()  # keep the last good epoch's file
-        except Exception:  # the failure being recorded may be this very write
+        except BaseException:  # the failure being recorded may be this very write
             logger.exception("%s: the last epoch checkpoint could not be written", self.backbone)
-        self.info.update({"status": "failed", "error": error})
-        self._write_csvs()
-        self._write_info()
+        with self._files_lock:
+            self.info.update({"status": "failed", "error": error, **details})
+            try:
+                self._write_csvs()
+                self._write_info()
+            except OSError:  # a full disk: the trial's failure still reaches Tune and the log
+                logger.exception("%s: could not record the failure in %s", self.backbone,
+                                 self.storage.uri(INFO_FILE))
 
     def update_info(self, **values: Any) -> None:
-        self.info.update(values)
-        self._write_info()
+        with self._files_lock:
+            self.info.update(values)
+            self._write_info()
 
     def wait_for_checkpoints(self) -> None:
-        """Block until every epoch checkpoint handed over so far is on storage."""
-        self._checkpoint_writes.close()
+        """Block until every epoch handed over so far is committed (or raise its failure)."""
+        self._writes.close()
 
-    def _write_epoch_checkpoint(self, checkpoint: dict[str, Any], name: str, is_best: bool,
-                                when_written: Callable[[str], None] | None) -> None:
+    def _commit_epoch(self, checkpoint: dict[str, Any], name: str, is_best: bool,
+                      entry: dict[str, Any], info: dict[str, Any],
+                      report: ReportEpoch | None) -> None:
         self.storage.save_torch(checkpoint, name)
         if is_best:
             self.storage.copy(name, "checkpoints/best_model.pth")
+        try:
+            if report is not None:
+                report(name, entry)
+        except SystemExit:
+            # Tune took the report and then ended the trial (ASHA's stop): the epoch is
+            # announced, so its rows belong in the logs before the process goes.
+            self._log_epoch(name, entry, info)
+            raise
+        self._log_epoch(name, entry, info)
         self._prune_epoch_checkpoints()
-        if when_written is not None:
-            when_written(name)
+
+    def _log_epoch(self, name: str, entry: dict[str, Any], info: dict[str, Any]) -> None:
+        with self._files_lock:
+            self.epoch_rows.append(entry["epoch_row"])
+            self.batch_rows.extend(entry["batch_rows"])
+            self.last_checkpoint, self._last_epoch = name, entry["epoch"]
+            self.info.update(info)
+            self._write_csvs()
+            self._write_info()
+
+    def _read_previous_info(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.storage.read_text(INFO_FILE))
+        except (OSError, ValueError):  # none yet, or a damaged one: start a new record
+            return {}
 
     def _write_csvs(self) -> None:
-        self.storage.write_text("logs/epoch_metrics.csv", _csv_text(EPOCH_COLUMNS, self.epoch_rows))
-        self.storage.write_text("logs/batch_metrics.csv", _csv_text(BATCH_COLUMNS, self.batch_rows))
+        self.storage.write_text(EPOCH_LOG, _csv_text(EPOCH_COLUMNS, self.epoch_rows))
+        self.storage.write_text(BATCH_LOG, _csv_text(BATCH_COLUMNS, self.batch_rows))
 
     def _write_info(self) -> None:
-        self.storage.write_text("logs/training_info.json", dumps_json(self.info))
+        self.storage.write_text(INFO_FILE, dumps_json(self.info))
 
     def _prune_epoch_checkpoints(self) -> None:
+        """Keep the newest `keep_checkpoints` epoch files; runs only after the newest epoch
+        was announced and logged, so the file a resume would use is never the one removed."""
         if not self.keep_checkpoints:
             return
-        epoch_files = sorted((f for f in self.storage.list_files("checkpoints") if EPOCH_FILE.match(f)),
-                             key=lambda f: int(EPOCH_FILE.match(f).group(1)))
-        for stale in epoch_files[:-self.keep_checkpoints]:
-            self.storage.delete(f"checkpoints/{stale}")
+        files = epoch_files(self.storage)
+        for epoch in sorted(files)[:-self.keep_checkpoints]:
+            self.storage.delete(f"checkpoints/{files[epoch]}")
+
+
+def restore_announced_epoch(storage: RunStorage, announced: dict[str, Any]) -> bool:
+    """Add an announced epoch's rows to a finished trial's logs if its process died before
+    writing them (e.g. ASHA stopped it right after the report). True when rows were added."""
+    entry = announced.get("log")
+    if not entry or int(entry["epoch"]) in set(logged_epochs(storage)):
+        return False
+    epoch = int(entry["epoch"])
+    epoch_rows = [r for r in _read_csv(storage, EPOCH_LOG) if int(r["epoch"]) < epoch]
+    batch_rows = [r for r in _read_csv(storage, BATCH_LOG) if int(r["epoch"]) < epoch]
+    storage.write_text(EPOCH_LOG, _csv_text(EPOCH_COLUMNS, epoch_rows + [entry["epoch_row"]]))
+    storage.write_text(BATCH_LOG, _csv_text(BATCH_COLUMNS, batch_rows + entry["batch_rows"]))
+    try:
+        info = json.loads(storage.read_text(INFO_FILE))
+    except (OSError, ValueError):
+        return True
+    if int(info.get("epochs_completed") or 0) < epoch:
+        info["epochs_completed"] = epoch
+        storage.write_text(INFO_FILE, dumps_json(info))
+    return True

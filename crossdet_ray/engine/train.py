@@ -34,6 +34,10 @@ class NonFiniteLossError(RuntimeError):
     """Training diverged: the loss became NaN or infinite."""
 
 
+class TrainingStopped(Exception):
+    """The listener asked training to stop (Ctrl-C): nothing is wrong, the run resumes later."""
+
+
 @dataclass
 class BatchMetrics:
     epoch: int
@@ -108,6 +112,16 @@ class TrainingListener(Protocol):
     def on_epoch_end(self, metrics: EpochMetrics, checkpoint: dict[str, Any]) -> None: ...
 
     def on_train_end(self, summary: TrainingSummary, checkpoint: dict[str, Any]) -> None: ...
+
+    # Optional: polled before every batch and before evaluation; True stops training with
+    # TrainingStopped. It may also raise, e.g. a checkpoint write that failed in the background.
+    def should_stop(self) -> bool: ...
+
+
+def _check_stop(listener, where: str) -> None:
+    should_stop = getattr(listener, "should_stop", None)
+    if should_stop is not None and should_stop():
+        raise TrainingStopped(f"training stopped {where} on request")
 
 
 class NullListener:
@@ -239,6 +253,7 @@ def train_one_epoch(model, optimizer, loader, device, epoch: int, listener,
     sums = dict.fromkeys(("loss",) + LOSS_COMPONENTS, 0.0)
     batches = images_seen = 0
     for batch_index, (images, targets) in enumerate(loader, start=1):
+        _check_stop(listener, f"in epoch {epoch}, before batch {batch_index}")
         batch_start = time.perf_counter()
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
@@ -337,6 +352,7 @@ def fit(
         epoch_time = time.perf_counter() - epoch_start
         scheduler.step()
 
+        _check_stop(listener, f"after epoch {epoch}'s last batch")
         eval_start = time.perf_counter()
         metrics = (evaluate_coco(model, test_loader, device, num_classes)
                    if config.evaluate_every_epoch and len(test_set) else None)

@@ -35,6 +35,14 @@ from crossdet_ray.tune.resources import (
     parse_gpus_per_trial,
     plan_resources,
 )
+from crossdet_ray.engine.run_logs import restore_announced_epoch
+from crossdet_ray.tune.reporter import read_checkpoint_pointer
+from crossdet_ray.tune.run_control import (
+    RunControlCallback,
+    control_actor_name,
+    graceful_interrupt,
+    start_run_control,
+)
 from crossdet_ray.tune.summary import build_final_summary, write_summary_files
 from crossdet_ray.tune.trainable import train_backbone
 
@@ -266,6 +274,7 @@ def launch(config: LaunchConfig) -> RunOutcome:
         "data": {k: v for k, v in data.items() if k != "report"},
         "resources": {b: dataclasses.asdict(r) for b, r in plan.items()},
         "keep_checkpoints": config.keep_checkpoints,
+        "run_control": control_actor_name(run_storage.uri()),
     }
     run_storage.write_text(RUN_CONFIG_FILE, dumps_json({
         **config.to_dict(),
@@ -273,9 +282,12 @@ def launch(config: LaunchConfig) -> RunOutcome:
         "resources": param_space["resources"],
         "data": data,
         "cluster": dataclasses.asdict(shape),
+        "run_control": param_space["run_control"],
         "ray_version": ray.__version__, "torch_version": torch.__version__,
         "started": datetime.now().isoformat(timespec="seconds"),
     }))
+    control = RunControlCallback(start_run_control(param_space["run_control"]),
+                                 config.max_failures)
     tuner = tune.Tuner(
         TRAINABLE,
         param_space=param_space,
@@ -286,9 +298,9 @@ def launch(config: LaunchConfig) -> RunOutcome:
             name=config.name, storage_path=root_storage.root,
             storage_filesystem=root_storage.filesystem, verbose=config.verbose,
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2), callbacks=[control]),
     )
-    return _fit_and_summarise(tuner, config, run_storage, dashboard_url)
+    return _fit_and_summarise(tuner, config, run_storage, dashboard_url, control)
 
 
 def _scheduler(config: LaunchConfig):
@@ -317,20 +329,34 @@ def _resume(config: LaunchConfig) -> RunOutcome:
     dashboard_url = connect_ray(original)
     tuner = tune.Tuner.restore(run_storage.root, trainable=TRAINABLE, resume_unfinished=True,
                                resume_errored=True, storage_filesystem=run_storage.filesystem)
-    return _fit_and_summarise(tuner, original, run_storage, dashboard_url)
+    control = None
+    if saved.get("run_control") and tuner._local_tuner is not None:  # None under Ray Client
+        control = RunControlCallback(start_run_control(saved["run_control"]),
+                                     original.max_failures)
+        # Tune.restore takes no RunConfig; the restored one holds an inert copy of the callback.
+        run_config = tuner._local_tuner.get_run_config()
+        run_config.callbacks = [c for c in (run_config.callbacks or [])
+                                if type(c) is not tune.Callback] + [control]
+    return _fit_and_summarise(tuner, original, run_storage, dashboard_url, control)
 
 
 def _fit_and_summarise(tuner: tune.Tuner, config: LaunchConfig, run_storage: RunStorage,
-                       dashboard_url: str | None) -> RunOutcome:
+                       dashboard_url: str | None,
+                       control: RunControlCallback | None = None) -> RunOutcome:
     if dashboard_url:
         logger.info("Ray dashboard: %s", dashboard_url)
     start = time.perf_counter()
     interrupted = False
     try:
-        results = tuner.fit()
+        if control is not None:
+            with graceful_interrupt(control):
+                results = tuner.fit()
+        else:
+            results = tuner.fit()
     except KeyboardInterrupt:
         interrupted, results = True, None
     wall_time = time.perf_counter() - start
+    _restore_announced_rows(run_storage, results)
     statuses = _saved_trial_statuses(run_storage)
     # Tune returns normally after a SIGINT; it saves the unfinished trials as PENDING.
     interrupted = interrupted or any(s not in ("TERMINATED", "ERROR") for s in statuses.values())
@@ -339,6 +365,22 @@ def _fit_and_summarise(tuner: tune.Tuner, config: LaunchConfig, run_storage: Run
     write_summary_files(run_storage, summary)
     return RunOutcome(run_dir=run_storage.uri(), summary=summary, interrupted=interrupted,
                       dashboard_url=dashboard_url)
+
+
+def _restore_announced_rows(run_storage: RunStorage, results) -> None:
+    """A trial stopped right after Tune took its last report (ASHA) may not have written that
+    epoch's rows: add them from the checkpoint pointer Tune holds."""
+    for result in results or []:
+        name = (result.config or {}).get("trial", {}).get("name")
+        if name is None or result.checkpoint is None:
+            continue
+        try:
+            announced = read_checkpoint_pointer(result.checkpoint)
+            if restore_announced_epoch(run_storage.child(name), announced):
+                logger.info("%s: restored epoch %s's rows from Tune's checkpoint", name,
+                            announced["epoch"])
+        except (OSError, KeyError, ValueError) as error:
+            logger.warning("%s: cannot check its last reported epoch: %s", name, error)
 
 
 def _saved_trial_statuses(run_storage: RunStorage) -> dict[str, str]:

@@ -1,12 +1,13 @@
 """The trial reporter: one backbone's progress into Ray Tune and into the seed's files.
 
-Once per epoch it writes the seed's logs to the trial directory on Tune's storage (through
-`RunStorage`, so the files reach the run directory wherever the driver is) and hands a snapshot
-of the epoch checkpoint to a background writer; once that file is complete, the writer's
-thread calls `tune.report` with every epoch metric and a Tune checkpoint (Tune's session takes
-reports from any thread of the trial, in order). The Tune checkpoint holds only a small pointer
-to the seed's `checkpoints/epoch_XXX_*.pth`, so each checkpoint is stored once. The next epoch
-trains meanwhile; its own checkpoint waits for the previous write and report.
+Once per epoch it hands a snapshot of the epoch checkpoint to the seed-layout writer, which
+commits it on a background thread (see crossdet_ray.engine.run_logs): the file is written to the
+trial directory on Tune's storage, then this reporter's `tune.report` announces it with every
+epoch metric and a Tune checkpoint (Tune's session takes reports from any thread of the trial,
+in order, and returns once Tune has registered the checkpoint), and only then are the epoch's
+rows written. The Tune checkpoint holds only a small pointer to the seed's
+`checkpoints/epoch_XXX_*.pth` (plus the epoch's rows, so they can be restored), so each
+checkpoint is stored once. The next epoch trains meanwhile.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from ray import tune
 
-from crossdet_ray.engine.run_logs import SeedLogWriter
+from crossdet_ray.engine.run_logs import SeedLogWriter, dumps_json
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.engine.train import BatchMetrics, EpochMetrics, TrainingSummary
 
@@ -42,6 +43,7 @@ def report_metrics(metrics: EpochMetrics) -> dict[str, Any]:
 
 
 def read_checkpoint_pointer(checkpoint: tune.Checkpoint) -> dict[str, Any]:
+    """{"epoch", "path", "backbone", "log"} of a Tune checkpoint this reporter made."""
     with checkpoint.as_directory() as directory:
         with open(os.path.join(directory, POINTER_FILE)) as handle:
             return json.load(handle)
@@ -64,6 +66,9 @@ class TrialReporter:
     def on_train_start(self, info: dict[str, Any]) -> None:
         self.writer.on_train_start(info)
 
+    def should_stop(self) -> bool:
+        return self.writer.should_stop()
+
     def on_batch_end(self, metrics: BatchMetrics) -> None:
         start = time.perf_counter()
         self.writer.on_batch_end(metrics)
@@ -73,18 +78,17 @@ class TrialReporter:
         start = time.perf_counter()
         # Kept in training_info.json (written with the next update) to show reporting is cheap.
         self.writer.info["reporting_overhead_sec"] = self.overhead_sec
-        # Logs now; the checkpoint is written in the background and reported to Tune only once
-        # its file is complete, so a Tune checkpoint never names a missing file.
+        # Committed in the background: file, then report, then rows (the row means "safe").
         self.writer.on_epoch_end(metrics, checkpoint,
-                                 when_written=lambda path: self._report(metrics, path))
+                                 report=lambda path, entry: self._report(metrics, path, entry))
         self.overhead_sec.append(self._batch_seconds + time.perf_counter() - start)
         self._batch_seconds = 0.0
 
-    def _report(self, metrics: EpochMetrics, checkpoint_path: str) -> None:
+    def _report(self, metrics: EpochMetrics, checkpoint_path: str, entry: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as pointer_dir:
             with open(os.path.join(pointer_dir, POINTER_FILE), "w") as handle:
-                json.dump({"epoch": metrics.epoch, "path": checkpoint_path,
-                           "backbone": self.writer.backbone}, handle)
+                handle.write(dumps_json({"epoch": metrics.epoch, "path": checkpoint_path,
+                                         "backbone": self.writer.backbone, "log": entry}))
             tune.report(report_metrics(metrics),
                         checkpoint=tune.Checkpoint.from_directory(pointer_dir))
 

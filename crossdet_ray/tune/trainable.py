@@ -1,7 +1,10 @@
 """The function trainable: one Ray Tune trial trains one backbone (at one learning rate).
 
-It builds everything from its `config`, restores from `tune.get_checkpoint()` when Tune
-restarts it (a crash, a lost node, `--resume`), and leaves all reporting to the trial reporter.
+It builds everything from its `config`, and when Tune restarts it (a crash, a lost node,
+`--resume`) continues after the newest safe epoch: the newest logged in its own
+epoch_metrics.csv or announced to Tune, whichever is later (Tune's saved state can lag behind
+the logs when the driver was killed), skipping damaged files. All reporting is the trial
+reporter's.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import traceback
 from typing import Any
@@ -18,12 +22,15 @@ import torch
 from ray import tune
 
 from crossdet_ray.config import TrainConfig
-from crossdet_ray.engine.run_logs import SeedLogWriter
+from crossdet_ray.engine.checkpoint import CheckpointError
+from crossdet_ray.engine.errors import DiskFullError
+from crossdet_ray.engine.run_logs import SeedLogWriter, find_resume_point
 from crossdet_ray.engine.storage import RunStorage
-from crossdet_ray.engine.train import fit
+from crossdet_ray.engine.train import TrainingStopped, fit
 from crossdet_ray.tune.datasets import ensure_dataset
-from crossdet_ray.tune.reporter import TrialReporter, load_trial_checkpoint
+from crossdet_ray.tune.reporter import TrialReporter, read_checkpoint_pointer
 from crossdet_ray.tune.resources import torch_threads_for
+from crossdet_ray.tune.run_control import TrialControl
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +71,35 @@ def train_backbone(config: dict[str, Any]) -> None:
         },
     )
 
+    control = TrialControl(config.get("run_control"), tune.get_context().get_trial_id())
     tune_checkpoint = tune.get_checkpoint()
-    resume_from = (load_trial_checkpoint(tune_checkpoint, trial_storage)
-                   if tune_checkpoint is not None else None)
+    announced = read_checkpoint_pointer(tune_checkpoint) if tune_checkpoint is not None else None
+    try:
+        resume = find_resume_point(trial_storage, announced)
+    except CheckpointError as error:
+        writer.mark_failed(str(error), failure_kind="checkpoint")
+        control.forbid_retry()  # the files will not mend themselves on a restart
+        raise
+    writer.recovered_entry = resume.log_entry
+    if resume.unreadable:
+        writer.info["unreadable_checkpoints"] = resume.unreadable
 
+    # Ctrl-C: finish and announce the epoch being saved, accept no other; Tune then stops us.
+    control.watch_for_stop(writer.close_for_stop)
     data_dir = ensure_dataset(config["data"])
     try:
         fit(train_config, trial["backbone"], data_dir, listener=TrialReporter(writer),
-            resume_from=resume_from, device=device)
+            resume_from=resume.checkpoint, device=device)
+    except TrainingStopped:
+        logger.info("%s: stopped on request after its last saved epoch; waiting for Tune to "
+                    "end the trial", trial["name"])
+        # Returning would mark the trial finished and raising would fail it: neither is true.
+        threading.Event().wait()
+    except DiskFullError as error:
+        writer.mark_failed(str(error), failure_kind="disk_full")
+        # Restarting on the same full disk fails the same way: spend no --max-failures on it.
+        control.forbid_retry()
+        raise
     except Exception as error:
         writer.mark_failed(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
         raise

@@ -55,14 +55,18 @@ def test_epoch_end_returns_while_the_checkpoint_is_still_being_written(tmp_path)
     storage = GatedStorage(tmp_path)
     writer = _writer(storage)
     weight = torch.ones(4)
-    written = []  # what the callback (the trial reporter's tune.report) saw
-    writer.on_epoch_end(_metrics(1), _checkpoint(1, weight),  # would block if synchronous
-                        when_written=lambda path: written.append((path, (tmp_path / path).is_file())))
+    reported = []  # what the report (the trial reporter's tune.report) saw when it ran
+
+    def report(path, entry):
+        rows = (tmp_path / "logs" / "epoch_metrics.csv").read_text()
+        reported.append((path, (tmp_path / path).is_file(), "epoch_001" in rows, entry["epoch"]))
+
+    writer.on_epoch_end(_metrics(1), _checkpoint(1, weight), report=report)  # would block if synchronous
     assert storage.saving.wait(timeout=30)
     assert not list((tmp_path / "checkpoints").glob("epoch_001_*.pth"))
-    assert written == []  # not announced before the file is complete
-    # The epoch's log row is already there for whoever the checkpoint is announced to.
-    assert "epoch_001" in (tmp_path / "logs" / "epoch_metrics.csv").read_text()
+    assert reported == []  # not announced before the file is complete
+    # No row yet either: a row promises that its epoch's checkpoint is safe.
+    assert "epoch_001" not in (tmp_path / "logs" / "epoch_metrics.csv").read_text()
     # Training goes on and updates the live tensors in place...
     weight.add_(100.0)
     storage.gate.set()
@@ -74,10 +78,12 @@ def test_epoch_end_returns_while_the_checkpoint_is_still_being_written(tmp_path)
     assert torch.equal(saved["optimizer_state_dict"]["state"][0]["momentum_buffer"],
                        torch.full((4,), 2.0))
     assert (tmp_path / "checkpoints" / "best_model.pth").samefile(saved_path)
-    assert written == [(writer.last_checkpoint, True)] and "epoch_001" in written[0][0]
+    # Announced with the file complete and before its row; the row follows the announcement.
+    assert reported == [(writer.last_checkpoint, True, False, 1)]
+    assert "epoch_001" in (tmp_path / "logs" / "epoch_metrics.csv").read_text()
 
 
-def test_a_failed_background_write_is_raised_at_the_next_epoch(tmp_path):
+def test_a_failed_background_write_stops_training_at_the_next_batch(tmp_path):
     class FullDisk(RunStorage):
         def save_torch(self, obj, relative):
             raise OSError(28, "No space left on device")
@@ -85,8 +91,13 @@ def test_a_failed_background_write_is_raised_at_the_next_epoch(tmp_path):
     base = RunStorage.from_uri(str(tmp_path))
     writer = _writer(FullDisk(base.filesystem, base.root))
     writer.on_epoch_end(_metrics(1), _checkpoint(1, torch.ones(2)))
+    # The training loop polls should_stop before every batch: the failure surfaces there,
+    # not an epoch later.
     with pytest.raises(OSError, match="No space left"):
-        writer.on_epoch_end(_metrics(2, is_best=False), _checkpoint(2, torch.ones(2)))
+        for _ in range(3000):
+            writer.should_stop()
+            threading.Event().wait(0.01)
+    assert "epoch_001" not in (tmp_path / "logs" / "epoch_metrics.csv").read_text()
 
 
 def test_partial_files_of_a_killed_write_are_removed_on_start(tmp_path):
