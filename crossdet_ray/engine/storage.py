@@ -1,22 +1,116 @@
-"""Atomic file writes on any pyarrow filesystem: a local disk, a shared mount, S3 or GCS.
+"""Atomic, durable file writes on any pyarrow filesystem: a local disk, a shared mount, S3 or GCS.
 
 A trial writes its run files through this class, rooted at its trial directory on Tune's
 storage, so the same code serves a laptop and a cluster whose driver is on another machine.
+A write that does not fit raises DiskFullError and leaves the previous file intact.
 Nothing here knows about Ray.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import os
 import posixpath
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import pyarrow.fs as pafs
 import torch
+
+from crossdet_ray.engine.errors import DiskFullError
+
+__all__ = ["DiskFullError", "RunStorage"]
+
+_DISK_FULL_ERRNOS = frozenset(
+    code for code in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", None)) if code is not None
+)
+# Only checkpoints can be thinned by the user; other run files are small.
+_CHECKPOINT_HINT = " (or --keep-checkpoints 1)"
+_COPY_CHUNK_BYTES = 8 << 20
+
+
+def _disk_full_cause(error: BaseException) -> OSError | None:
+    """The out-of-space OSError behind `error`, if any.
+
+    torch.save reports a failed write to its file object as a RuntimeError whose context is
+    the OSError, so the whole cause/context chain is searched.
+    """
+    if not isinstance(error, Exception):  # Ctrl-C stays Ctrl-C
+        return None
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
+            return current
+        pending.extend((current.__cause__, current.__context__))
+    return None
+
+
+def _format_bytes(count: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _existing_ancestor(path: str) -> str:
+    while not os.path.isdir(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _mount_point(path: str) -> str:
+    path = os.path.realpath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in `directory` survive a power loss, not only the renamed file's data."""
+    descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(descriptor)
+    except OSError as error:
+        # Some network and FUSE filesystems cannot sync a directory; the rename stands anyway.
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(descriptor)
+
+
+class _ByteCounter:
+    """A sink that keeps only the count: torch's serialized size without holding the bytes."""
+
+    def __init__(self):
+        self.count = 0
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        self.count += size
+        return size
+
+    def flush(self) -> None:
+        pass
+
+
+def _serialized_size(obj: Any) -> int:
+    # A file object, not a path: torch names the archive after a path, changing the size.
+    counter = _ByteCounter()
+    torch.save(obj, counter)
+    return counter.count
 
 
 class RunStorage:
@@ -80,37 +174,57 @@ class RunStorage:
 
     def write_bytes(self, relative: str, data: bytes) -> None:
         """Write to a temporary name beside the target, then rename over it."""
-        target = self.path(relative)
-        self.filesystem.create_dir(posixpath.dirname(target), recursive=True)
         if self.is_local:
-            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
+            def write_data(temporary: str) -> None:
+                self._write_synced(temporary, lambda handle: handle.write(data))
+
+            self._replace_local(relative, write_data, needed_bytes=lambda: memoryview(data).nbytes)
             return
-        # Object stores publish an object only when its upload completes: already atomic.
-        with self.filesystem.open_output_stream(target) as stream:
-            stream.write(data)
+        target = self.path(relative)
+        try:
+            self.filesystem.create_dir(posixpath.dirname(target), recursive=True)
+            # Object stores publish an object only when its upload completes: already atomic.
+            with self.filesystem.open_output_stream(target) as stream:
+                stream.write(data)
+        except Exception as error:
+            self._raise_if_store_full(error, relative, memoryview(data).nbytes)
+            raise
 
     def write_text(self, relative: str, text: str) -> None:
         self.write_bytes(relative, text.encode("utf-8"))
 
     def save_torch(self, obj: Any, relative: str) -> None:
         """torch.save, atomically, streaming through a local temporary file for remote stores."""
-        target = self.path(relative)
-        self.filesystem.create_dir(posixpath.dirname(target), recursive=True)
         if self.is_local:
-            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-            torch.save(obj, tmp)
-            os.replace(tmp, target)
+            def write_checkpoint(temporary: str) -> None:
+                # Into the open file: it is fsynced before the rename, and its size is what
+                # _serialized_size counts (torch names a path's archive after the file).
+                self._write_synced(temporary, lambda handle: torch.save(obj, handle))
+
+            self._replace_local(relative, write_checkpoint,
+                                needed_bytes=lambda: _serialized_size(obj), hint=_CHECKPOINT_HINT)
             return
-        with tempfile.TemporaryDirectory() as tmp_dir:
-            local = os.path.join(tmp_dir, "checkpoint.pth")
-            torch.save(obj, local)
-            pafs.copy_files(local, target, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=self.filesystem)
+        target = self.path(relative)
+        with tempfile.TemporaryDirectory() as staging:
+            local = os.path.join(staging, "checkpoint.pth")
+            try:
+                with self._open_local_output(local) as handle:
+                    torch.save(obj, handle)
+            except Exception as error:
+                cause = _disk_full_cause(error)
+                if cause is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(local)  # before measuring what is free
+                    raise self._local_disk_full(relative, _serialized_size(obj), staging, cause,
+                                                staged=True) from error
+                raise
+            try:
+                self.filesystem.create_dir(posixpath.dirname(target), recursive=True)
+                pafs.copy_files(local, target, source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=self.filesystem)
+            except Exception as error:
+                self._raise_if_store_full(error, relative, os.path.getsize(local), _CHECKPOINT_HINT)
+                raise
 
     def load_torch(self, relative: str, map_location: str | torch.device = "cpu") -> Any:
         """torch.load with weights_only=True: a checkpoint can hold no code."""
@@ -125,18 +239,92 @@ class RunStorage:
         Locally a hard link, so a multi-GB checkpoint is stored once however many names it
         has (best_model.pth, the final complete checkpoint); a server-side copy elsewhere.
         """
-        source, target = self.path(source_relative), self.path(target_relative)
-        if self.is_local:
-            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-            try:
-                os.link(source, tmp)
-            except OSError:  # a filesystem without hard links
-                self.filesystem.copy_file(source, tmp)
-            os.replace(tmp, target)
+        source = self.path(source_relative)
+        if not self.is_local:
+            self.filesystem.copy_file(source, self.path(target_relative))
             return
-        self.filesystem.copy_file(source, target)
+
+        def link_or_copy(temporary: str) -> None:
+            try:
+                os.link(source, temporary)
+            except OSError:  # a filesystem without hard links
+                with open(source, "rb") as source_handle:
+                    self._write_synced(temporary, lambda handle: shutil.copyfileobj(
+                        source_handle, handle, _COPY_CHUNK_BYTES))
+
+        self._replace_local(target_relative, link_or_copy,
+                            needed_bytes=lambda: os.path.getsize(source), hint=_CHECKPOINT_HINT)
 
     def delete(self, relative: str) -> None:
         target = self.path(relative)
         if self.filesystem.get_file_info(target).type == pafs.FileType.File:
             self.filesystem.delete_file(target)
+
+    def _replace_local(self, relative: str, fill_temporary: Callable[[str], None],
+                       needed_bytes: Callable[[], int], hint: str = "") -> None:
+        """Put a local file in place whole or not at all, and durably.
+
+        `fill_temporary` leaves the complete file, synced, at the temporary path it is given;
+        it is renamed over the target and the directory synced so the rename is durable too.
+        On any failure, Ctrl-C included, the temporary file is removed and the target keeps
+        its previous content; running out of space becomes DiskFullError.
+        """
+        target = self.path(relative)
+        directory = posixpath.dirname(target)
+        # run_logs.PARTIAL_FILE recognises this pattern to clean up after a crash.
+        temporary = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fill_temporary(temporary)
+            os.replace(temporary, target)
+        except BaseException as error:
+            with contextlib.suppress(OSError):  # the original error matters more
+                os.remove(temporary)
+            cause = _disk_full_cause(error)
+            if cause is not None:
+                raise self._local_disk_full(relative, needed_bytes(), directory, cause,
+                                            hint=hint) from error
+            raise
+        _fsync_directory(directory)
+
+    def _write_synced(self, path: str, write: Callable[[BinaryIO], object]) -> None:
+        with self._open_local_output(path) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _open_local_output(self, path: str) -> BinaryIO:
+        """Every local write opens its file here (a seam to simulate a small disk in tests)."""
+        return open(path, "wb")
+
+    def _local_free_bytes(self, directory: str) -> int:
+        return shutil.disk_usage(directory).free
+
+    def _local_disk_full(self, relative: str, needed: int, directory: str, cause: OSError,
+                         hint: str = "", staged: bool = False) -> DiskFullError:
+        directory = _existing_ancestor(directory)
+        free = self._local_free_bytes(directory)
+        shortfall = needed - free
+        remedy = (f"free at least {_format_bytes(shortfall)} more" if shortfall > 0
+                  else "free some space")
+        reason = "" if cause.errno == errno.ENOSPC else f" ({_one_line(cause.strerror)})"
+        if staged:
+            action = f"could not stage {self.uri(relative)} in {tempfile.gettempdir()}"
+            hint = " (or set TMPDIR to a larger disk)"
+        else:
+            action = f"could not write {self.uri(relative)}"
+        message = (f"disk full{reason}: {action} ({_format_bytes(needed)}) on "
+                   f"{_mount_point(directory)}: {_format_bytes(free)} free; {remedy}{hint}, "
+                   f"then --resume")
+        return DiskFullError(message, self.uri(relative), needed, free)
+
+    def _raise_if_store_full(self, error: Exception, relative: str, needed: int,
+                             hint: str = "") -> None:
+        """Raise DiskFullError if a remote store reported `error` for lack of space."""
+        cause = _disk_full_cause(error)
+        if cause is None:
+            return
+        message = (f"disk full: could not write {self.uri(relative)} ({_format_bytes(needed)}): "
+                   f"the store reports \"{_one_line(cause.strerror or cause)}\"; free space "
+                   f"there{hint}, then --resume")
+        raise DiskFullError(message, self.uri(relative), needed, None) from error
