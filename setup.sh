@@ -14,5 +14,5 @@ case "$(uname -m)" in
     *) TORCH="torch==2.14.1 torchvision==0.29.1" ;;
 esac
 python -c "import torch, torchvision" 2>/dev/null || python -m pip install --quiet $TORCH
-python -m pip install --quiet -e ".[test]"
+python -m pip install --quiet -e ".[test]" -c constraints.txt
 python -c "import crossdet_ray, torch, torchvision, ray; print('crossdet_ray ready: torch', torch.__version__, '| ray', ray.__version__)"

@@ -1,6 +1,9 @@
 """The train/test split must equal scikit-learn's train_test_split, order included."""
 
 import pytest
+# Imported, not importorskip'd: the test extra installs scikit-learn, and a missing one must
+# fail the suite rather than skip 57 checks of the split without a word.
+from sklearn import model_selection
 
 from crossdet_ray.data import DatasetError, NpyYoloDataset, split_files
 
@@ -8,7 +11,6 @@ from crossdet_ray.data import DatasetError, NpyYoloDataset, split_files
 @pytest.mark.parametrize("num_files", [2, 3, 4, 5, 7, 10, 11, 15, 23, 50, 97, 101, 1000, 9750])
 @pytest.mark.parametrize("test_size,seed", [(0.2, 42), (0.25, 0), (0.3, 7), (0.1, 123)])
 def test_split_equals_sklearn(num_files, test_size, seed):
-    model_selection = pytest.importorskip("sklearn.model_selection")
     files = [f"frame_{i:05d}.npy" for i in range(num_files)]
     expected_train, expected_test = model_selection.train_test_split(
         files, test_size=test_size, random_state=seed)
@@ -18,7 +20,6 @@ def test_split_equals_sklearn(num_files, test_size, seed):
 
 
 def test_integer_test_size_equals_sklearn():
-    model_selection = pytest.importorskip("sklearn.model_selection")
     files = list(range(20))
     assert split_files(files, test_size=3, seed=42) == tuple(
         list(part) for part in model_selection.train_test_split(files, test_size=3,
@@ -60,7 +61,6 @@ def test_dataset_splits_follow_split_files(builder):
 
 
 def test_dataset_split_matches_sklearn_on_sorted_usable_frames(builder):
-    model_selection = pytest.importorskip("sklearn.model_selection")
     for i in range(23):
         builder.labelled(f"img_{i}")  # names sort lexicographically: img_1, img_10, ...
     names = sorted(f"img_{i}.npy" for i in range(23))
