@@ -117,3 +117,68 @@ def test_resume_after_sigint_trains_no_epoch_twice(tiny_dataset, tmp_path):
     # Exactly after the last logged epoch: nothing the logs showed was trained again.
     assert info["resumed_at_epochs"] == [len(done_before) + 1]
     assert (run_dir / "final_summary.json").is_file()
+
+
+def _segformer_file(path: Path) -> dict:
+    """A SegFormer-style mit_b0 file (one stream's names), with recognisable random values."""
+    import torch
+
+    from crossdet_ray.models.encoder import get_encoder
+
+    generator = torch.Generator().manual_seed(7)
+    weights = {name: torch.randn(tensor.shape, generator=generator) * 0.02
+               for name, tensor in get_encoder("mit_b0").state_dict().items()
+               if not name.startswith(("extra_", "FRMs.", "FFMs."))}
+    torch.save(weights, path)
+    return weights
+
+
+def test_flags_reach_the_trial(tiny_dataset, tmp_path):
+    """--pretrained, --num-workers > 0 and --cpus-per-trial, as the trial actually used them."""
+    import torch
+
+    weights = _segformer_file(tmp_path / "mit_b0.pth")
+    # lr 1e-12: one epoch leaves every weight where --pretrained put it (to float rounding).
+    result = _run(*_small(tiny_dataset, tmp_path / "logs", "--name", "flags", "--epochs", "1",
+                          "--gpus-per-trial", "0", "--cpus-per-trial", "1", "--lr", "1e-12",
+                          "--pretrained", str(tmp_path / "mit_b0.pth")),
+                  "--num-workers", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Ray dashboard:" not in result.stderr  # --no-dashboard
+    trial = tmp_path / "logs" / "flags" / "mit_b0"
+    info = training_info(trial)
+    assert info["status"] == "completed"
+    assert info["torch_threads"] == 1 and info["resources"]["cpu"] == 1
+    assert info["config"]["num_workers"] == 2 and len(epoch_rows(trial)) == 1
+    final = torch.load(trial / "checkpoints" / "mit_b0_final.pth", weights_only=True)
+    for name in ("block1.0.attn.q.weight", "patch_embed4.proj.weight"):
+        for stream in ("", "extra_"):
+            torch.testing.assert_close(final[f"backbone.encoder.{stream}{name}"], weights[name],
+                                       rtol=0, atol=1e-6)
+
+
+def test_a_failed_trial_exits_1_with_the_summary_written(tiny_dataset, tmp_path):
+    # lr 1e9 diverges in the first epoch: a real failure, not retried (--max-failures 0).
+    result = _run(*_small(tiny_dataset, tmp_path / "logs", "--name", "diverged", "--epochs", "1",
+                          "--gpus-per-trial", "0", "--cpus-per-trial", "1", "--lr", "1e9",
+                          "--max-failures", "0"))
+    assert result.returncode == 1, result.stderr[-3000:]
+    summary = __import__("json").loads(
+        (tmp_path / "logs" / "diverged" / "final_summary.json").read_text())
+    assert summary["num_failed"] == 1 and summary["results"][0]["status"] == "failed"
+    assert "NonFiniteLossError" in summary["results"][0]["error"]
+
+
+def test_user_mistakes_about_the_run_directory_exit_2(tiny_dataset, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    _assert_one_clear_error(_run(*_small(tiny_dataset, blocker / "logs")), "--log-dir")
+
+    taken = tmp_path / "logs" / "taken"
+    taken.mkdir(parents=True)
+    (taken / "run_config.json").write_text("{}")
+    _assert_one_clear_error(_run(*_small(tiny_dataset, tmp_path / "logs", "--name", "taken")),
+                            "already holds a run", "--resume")
+
+    _assert_one_clear_error(_run("--resume", str(tmp_path / "no_such_run"), "--no-dashboard"),
+                            "--resume", "no_such_run")
