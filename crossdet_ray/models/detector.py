@@ -9,11 +9,17 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from crossdet_ray.models.encoder import DualStreamMiT, get_encoder
+from crossdet_ray.models.precision import (
+    Float32AnchorGenerator,
+    Float32BoxCoder,
+    Float32OutputPredictor,
+    Float32OutputRPNHead,
+)
 from crossdet_ray.models.roi_pool import VectorizedMultiScaleRoIAlign
 
 logger = logging.getLogger(__name__)
@@ -23,6 +29,8 @@ IMAGE_MEAN = (0.485, 0.456, 0.406, 0.5, 0.5)  # RGB: ImageNet's; thermal, event:
 IMAGE_STD = (0.229, 0.224, 0.225, 0.5, 0.5)
 ANCHOR_SIZES = ((32,), (64,), (128,), (256,), (512,))
 FEATURE_NAMES = ["0", "1", "2", "3", "pool"]
+ROI_OUTPUT_SIZE = 7
+BOX_HEAD_SIZE = 1024  # FasterRCNN's own representation size
 
 
 class CrossAttentionBackbone(nn.Module):
@@ -49,18 +57,33 @@ def build_detector(backbone: str, num_classes: int, pretrained: str | Path | Non
     loaded into both streams (see `load_pretrained_mit`). `fused_attention` and
     `vectorized_roi_align` are speed switches with unchanged outputs; off, they give the plain
     eager network the performance benchmarks compare against.
+
+    Under bf16 autocast only the encoder, FPN and heads run in bf16: anchors, proposals, RoI
+    boxes, regression targets, box losses and output boxes stay float32 (models/precision.py).
+    Without autocast the network is torchvision's, weight for weight and output for output.
     """
     encoder = get_encoder(backbone, fused_attention=fused_attention)
     encoder.activation_checkpointing = activation_checkpointing
     if pretrained:
         load_pretrained_mit(encoder, pretrained)
-    anchors = AnchorGenerator(sizes=ANCHOR_SIZES, aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    backbone_module = CrossAttentionBackbone(encoder)
+    anchors = Float32AnchorGenerator(sizes=ANCHOR_SIZES, aspect_ratios=((0.5, 1.0, 2.0),) * 5)
     roi_pool_type = VectorizedMultiScaleRoIAlign if vectorized_roi_align else MultiScaleRoIAlign
-    roi_pool = roi_pool_type(featmap_names=FEATURE_NAMES, output_size=7, sampling_ratio=2)
+    roi_pool = roi_pool_type(featmap_names=FEATURE_NAMES, output_size=ROI_OUTPUT_SIZE,
+                             sampling_ratio=2)
+    # The heads FasterRCNN would make, in its order, so a seed still gives the same weights.
+    rpn_head = Float32OutputRPNHead(FPN_CHANNELS, anchors.num_anchors_per_location()[0])
+    box_head = TwoMLPHead(FPN_CHANNELS * ROI_OUTPUT_SIZE**2, BOX_HEAD_SIZE)
+    box_predictor = Float32OutputPredictor(BOX_HEAD_SIZE, num_classes)
     kwargs.setdefault("image_mean", list(IMAGE_MEAN))
     kwargs.setdefault("image_std", list(IMAGE_STD))
-    return FasterRCNN(CrossAttentionBackbone(encoder), num_classes=num_classes,
-                      rpn_anchor_generator=anchors, box_roi_pool=roi_pool, **kwargs)
+    model = FasterRCNN(backbone_module, rpn_anchor_generator=anchors, rpn_head=rpn_head,
+                       box_roi_pool=roi_pool, box_head=box_head, box_predictor=box_predictor,
+                       **kwargs)
+    # The box coders are plain attributes, not modules: swapping them leaves the state dict be.
+    model.rpn.box_coder = Float32BoxCoder.like(model.rpn.box_coder)
+    model.roi_heads.box_coder = Float32BoxCoder.like(model.roi_heads.box_coder)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
