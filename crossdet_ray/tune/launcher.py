@@ -43,7 +43,7 @@ from crossdet_ray.tune.run_control import (
     graceful_interrupt,
     start_run_control,
 )
-from crossdet_ray.tune.summary import build_final_summary, write_summary_files
+from crossdet_ray.tune.summary import run_exit_code, summarise_run
 from crossdet_ray.tune.trainable import train_backbone
 
 logger = logging.getLogger(__name__)
@@ -106,9 +106,7 @@ class RunOutcome:
 
     @property
     def exit_code(self) -> int:
-        if self.interrupted:
-            return 130
-        return 0 if self.summary["num_failed"] == 0 else 1
+        return run_exit_code({**self.summary, "interrupted": self.interrupted})
 
 
 def trial_specs(backbones: list[str], lr: float, lr_grid: list[float]) -> list[TrialSpec]:
@@ -346,7 +344,7 @@ def _fit_and_summarise(tuner: tune.Tuner, config: LaunchConfig, run_storage: Run
     if dashboard_url:
         logger.info("Ray dashboard: %s", dashboard_url)
     start = time.perf_counter()
-    interrupted = False
+    interrupted, run_error = False, None
     try:
         if control is not None:
             with graceful_interrupt(control):
@@ -355,16 +353,18 @@ def _fit_and_summarise(tuner: tune.Tuner, config: LaunchConfig, run_storage: Run
             results = tuner.fit()
     except KeyboardInterrupt:
         interrupted, results = True, None
+    except Exception as error:  # Tune itself failed: still summarise what the trials left
+        logger.error("the Ray Tune run failed: %s: %s", type(error).__name__, error)
+        run_error, results = error, None
     wall_time = time.perf_counter() - start
-    _restore_announced_rows(run_storage, results)
-    statuses = _saved_trial_statuses(run_storage)
-    # Tune returns normally after a SIGINT; it saves the unfinished trials as PENDING.
-    interrupted = interrupted or any(s not in ("TERMINATED", "ERROR") for s in statuses.values())
-    summary = build_final_summary(run_storage, config.to_dict(), results, wall_time, statuses)
-    summary["interrupted"] = interrupted
-    write_summary_files(run_storage, summary)
-    return RunOutcome(run_dir=run_storage.uri(), summary=summary, interrupted=interrupted,
-                      dashboard_url=dashboard_url)
+    try:
+        _restore_announced_rows(run_storage, results)
+    except Exception:
+        logger.exception("could not check the trials' last reported epochs")
+    summary = summarise_run(run_storage, config.to_dict(), results, wall_time,
+                            interrupted=interrupted, run_error=run_error)
+    return RunOutcome(run_dir=run_storage.uri(), summary=summary,
+                      interrupted=summary["interrupted"], dashboard_url=dashboard_url)
 
 
 def _restore_announced_rows(run_storage: RunStorage, results) -> None:

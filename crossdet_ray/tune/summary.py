@@ -2,7 +2,8 @@
 
 It is built from the files every trial wrote to the run directory (training_info.json and
 epoch_metrics.csv), plus Tune's verdict on each trial, so it is the same for a fresh run, a
-resumed run and a run whose trials ran on other machines.
+resumed run and a run whose trials ran on other machines. `summarise_run` writes it whatever
+happened to the run, and `run_exit_code` says how the command ends.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 from datetime import datetime
 from typing import Any
 
@@ -19,53 +19,136 @@ from tabulate import tabulate
 
 from crossdet_ray.engine.run_logs import dumps_json
 from crossdet_ray.engine.storage import RunStorage
-
-logger = logging.getLogger(__name__)
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
-
-SUMMARY_COLUMNS = (
-    "trial", "backbone", "lr", "status", "error", "params", "epochs_completed", "best_epoch",
-    "best_loss", "final_loss", "map", "map50", "map75", "train_images_per_sec",
-    "infer_ms_per_image", "fps", "total_time_sec", "device", "node", "node_id", "resources",
-    "best_model_path", "final_model_path", "final_complete_path",
+from crossdet_ray.tune.failures import (
+    ANSI_ESCAPE,
+    UNFINISHED,
+    TrialVerdict,
+    classify_failure,
+    error_text,
+    first_line,
+    headline,
+    read_info,
+    record_failures,
+    tune_verdicts,
 )
 
+logger = logging.getLogger(__name__)
 
-def _tune_verdicts(results) -> dict[str, dict[str, Any]]:
-    """Per trial name: Tune's error (if any) for the trials in a ResultGrid."""
-    verdicts: dict[str, dict[str, Any]] = {}
-    if results is None:
-        return verdicts
-    for result in results:
-        name = (result.config or {}).get("trial", {}).get("name")
-        if name is None:
-            continue
-        error = result.error
-        verdicts[name] = {"error": None if error is None else f"{type(error).__name__}: {error}"}
-    return verdicts
+SUMMARY_COLUMNS = (
+    "trial", "backbone", "lr", "status", "error", "failure_kind", "failure_reason", "params",
+    "epochs_completed", "best_epoch", "best_loss", "final_loss", "map", "map50", "map75",
+    "train_images_per_sec", "infer_ms_per_image", "fps", "total_time_sec", "device", "node",
+    "node_id", "resources", "best_model_path", "final_model_path", "final_complete_path",
+)
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
 
-def _trial_row(run_storage: RunStorage, spec: dict[str, Any], verdict: dict[str, Any] | None,
-               tune_status: str | None) -> tuple[dict[str, Any], pd.DataFrame | None]:
+def summarise_run(run_storage: RunStorage, run_config: dict[str, Any], results,
+                  wall_time_sec: float, interrupted: bool = False,
+                  run_error: BaseException | None = None) -> dict[str, Any]:
+    """Record each errored trial's failure in its files, then build and write the summary.
+
+    Never raises: whatever ended the run (a trial killed for memory, `tuner.fit()` raising),
+    final_summary.json is written, with what went wrong in `run_error`. `results` is the
+    ResultGrid, or None when `tuner.fit()` did not return one.
+    """
+    problems = [f"{type(run_error).__name__}: {first_line(str(run_error)) or ''}".rstrip(": ")
+                ] if run_error is not None else []
+    verdicts = tune_verdicts(run_storage, results)
+    specs = _trial_specs(run_storage, verdicts)
+    record_failures(run_storage, specs, verdicts, run_config.get("train"))
+    try:
+        summary = build_final_summary(run_storage, run_config, verdicts, wall_time_sec, specs)
+    except Exception as error:  # a bug or unreadable files: still leave a summary
+        logger.exception("could not build the run's summary from %s", run_storage.uri())
+        problems.append(f"summary incomplete: {type(error).__name__}: {first_line(str(error))}")
+        summary = _bare_summary(run_storage, run_config, specs, verdicts, wall_time_sec)
+    # Tune saves the unfinished trials of a stopped run as PENDING (a SIGINT returns normally).
+    summary["interrupted"] = interrupted or any(
+        r["status"] == "interrupted" or (r["status"] != "completed" and getattr(
+            verdicts.get(r["trial"]), "status", None) in UNFINISHED)
+        for r in summary["results"])
+    summary["run_error"] = "; ".join(problems) or None
+    try:
+        write_summary_files(run_storage, summary)
+    except Exception:
+        logger.exception("could not write every summary file in %s", run_storage.uri())
+        summary.pop("_curves", None)
+        run_storage.write_text("final_summary.json", dumps_json(summary))
+    return summary
+
+
+def run_exit_code(summary: dict[str, Any]) -> int:
+    """1 when the run itself failed; 130 when it was interrupted (resumable); 1 when any
+    trial did not finish (ASHA's early stop is a finish); else 0."""
+    if summary.get("run_error"):
+        return EXIT_FAILED
+    if summary.get("interrupted"):
+        return EXIT_INTERRUPTED
+    finished = {"completed"}
+    if (summary.get("run_config") or {}).get("scheduler") == "asha":
+        finished.add("stopped")
+    if any(r["status"] not in finished for r in summary["results"]):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _trial_specs(run_storage: RunStorage, verdicts: dict[str, TrialVerdict]
+                 ) -> list[dict[str, Any]]:
+    """The run's trials in the user's order, from run_config.json (Tune's names without it)."""
+    try:
+        return json.loads(run_storage.read_text("run_config.json"))["trials"]
+    except (OSError, ValueError, KeyError) as error:
+        logger.warning("cannot read the trials of %s: %s", run_storage.uri("run_config.json"),
+                       error)
+        return [{"name": n, "backbone": n.split("_lr")[0], "lr": None} for n in verdicts]
+
+
+def _bare_summary(run_storage, run_config, specs, verdicts, wall_time_sec) -> dict[str, Any]:
+    rows = [{"trial": s["name"], "backbone": s["backbone"], "lr": s["lr"],
+             "status": _bare_status(verdicts.get(s["name"])), "error": None} for s in specs]
+    return {"run_config": run_config, "run_dir": run_storage.uri(),
+            "total_wall_time_sec": wall_time_sec, "num_trials": len(rows),
+            "num_succeeded": sum(r["status"] == "completed" for r in rows),
+            "num_failed": sum(r["status"] == "failed" for r in rows),
+            "num_stopped": 0, "results": rows,
+            "rankings": {"accuracy_map": [], "training_speed_images_per_sec": [],
+                         "inference_ms_per_image": []},
+            "best_lr_per_backbone": {},
+            "timestamp": datetime.now().isoformat(timespec="seconds")}
+
+
+def _bare_status(verdict: TrialVerdict | None) -> str:
+    status = verdict.status if verdict else None
+    return {"TERMINATED": "completed", "ERROR": "failed"}.get(
+        status, "interrupted" if status in UNFINISHED else "not_started")
+
+
+def _trial_row(run_storage: RunStorage, spec: dict[str, Any], verdict: TrialVerdict | None,
+               train: dict[str, Any] | None = None
+               ) -> tuple[dict[str, Any], pd.DataFrame | None]:
     trial_storage = run_storage.child(spec["name"])
-    info: dict[str, Any] = {}
-    if trial_storage.exists("logs/training_info.json"):
-        info = json.loads(trial_storage.read_text("logs/training_info.json"))
+    info = read_info(trial_storage) or {}
     epochs = None
     if trial_storage.exists("logs/epoch_metrics.csv"):
         epochs = pd.read_csv(io.BytesIO(trial_storage.read_bytes("logs/epoch_metrics.csv")))
 
+    verdict = verdict or TrialVerdict()
     status = info.get("status", "not_started")
     # The trial's own record names the cause plainly; Tune's wraps it (RayTaskError(...)).
-    error = info.get("error") or (verdict or {}).get("error")
+    error = info.get("error") or error_text(verdict.error)
     if error:
         error = ANSI_ESCAPE.sub("", error)
-    if error and status != "completed":
-        status = "failed"
-    elif status in ("running", "not_started") and tune_status in ("PENDING", "RUNNING", "PAUSED"):
+    if status != "completed" and (error or verdict.status == "ERROR"):
+        status = "failed"  # also a trial Tune errored before it wrote a word
+    elif status in ("running", "not_started") and verdict.status in UNFINISHED:
         status = "interrupted"  # resumable with --resume
     elif status == "running":
         status = "stopped"  # Tune ended it before its last epoch: ASHA's early stop
+    failure = None
+    if status == "failed":
+        failure = classify_failure(info.get("error"), verdict.error, verdict.error_text,
+                                   train=train)
 
     best = {}
     if epochs is not None and len(epochs) and info.get("best_epoch"):
@@ -75,7 +158,10 @@ def _trial_row(run_storage: RunStorage, spec: dict[str, Any], verdict: dict[str,
     speeds = epochs["images_per_sec"].dropna() if epochs is not None and len(epochs) else []
     row = {
         "trial": spec["name"], "backbone": spec["backbone"], "lr": spec["lr"], "status": status,
-        "error": error.splitlines()[0] if error else None,
+        "error": headline(error),
+        "failure_kind": info.get("failure_kind") or (failure.kind if failure else None),
+        "failure_reason": info.get("failure_reason") or (failure.reason if failure else None),
+        "advice": info.get("advice") or (failure.advice if failure else None),
         "params": info.get("model_parameters"),
         "epochs_completed": int(epochs["epoch"].max()) if epochs is not None and len(epochs) else 0,
         "best_epoch": info.get("best_epoch"), "best_loss": info.get("best_loss"),
@@ -108,15 +194,15 @@ def _number(value: Any) -> float | None:
     return None if number != number else number  # NaN -> None
 
 
-def build_final_summary(run_storage: RunStorage, run_config: dict[str, Any], results,
-                        wall_time_sec: float,
-                        tune_statuses: dict[str, str] | None = None) -> dict[str, Any]:
-    saved = json.loads(run_storage.read_text("run_config.json"))
-    verdicts = _tune_verdicts(results)
+def build_final_summary(run_storage: RunStorage, run_config: dict[str, Any],
+                        verdicts: dict[str, TrialVerdict], wall_time_sec: float,
+                        specs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    if specs is None:
+        specs = _trial_specs(run_storage, verdicts)
     rows, curves = [], []
-    for spec in saved["trials"]:
+    for spec in specs:
         row, epochs = _trial_row(run_storage, spec, verdicts.get(spec["name"]),
-                                 (tune_statuses or {}).get(spec["name"]))
+                                 run_config.get("train"))
         rows.append(row)
         if epochs is not None:
             curves.append(epochs)
@@ -199,8 +285,17 @@ def format_table(summary: dict[str, Any]) -> str:
                  f"{summary['num_failed']} failed; wall time {summary['total_wall_time_sec']:.1f}s")
     for row in summary["results"]:
         if row["status"] == "failed":
-            lines.append(f"FAILED {row['trial']}: {row['error']}")
+            lines.append(failed_line(row))
+    if summary.get("run_error"):
+        lines.append(f"RUN FAILED: {summary['run_error']}")
     return "\n".join(lines)
+
+
+def failed_line(row: dict[str, Any]) -> str:
+    """`FAILED mit_b0: out of memory (...) — try --batch-size 1, ...`: one line per trial."""
+    reason = row.get("failure_reason") or row.get("error") or "failed"
+    advice = row.get("advice")
+    return f"FAILED {row['trial']}: {reason}" + (f" \u2014 {advice}" if advice else "")
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
