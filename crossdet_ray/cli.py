@@ -131,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     print(format_table(outcome.summary))
     print(f"Run directory: {outcome.run_dir}")
+    summary_path = outcome.summary.get("summary_path")
+    if summary_path and not summary_path.startswith(outcome.run_dir):
+        print(f"Summary written to {summary_path} (it did not fit in the run directory)",
+              file=sys.stderr)
     if outcome.interrupted:
         print(f"Interrupted: continue with --resume {outcome.run_dir}", file=sys.stderr)
     return outcome.exit_code

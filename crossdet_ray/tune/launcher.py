@@ -23,7 +23,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.data import check_dataset
-from crossdet_ray.engine.run_logs import dumps_json
+from crossdet_ray.engine.run_logs import dumps_json, restore_announced_epoch
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.tune.datasets import ensure_dataset, folder_spec, synthetic_spec
 from crossdet_ray.tune.resources import (
@@ -35,7 +35,7 @@ from crossdet_ray.tune.resources import (
     parse_gpus_per_trial,
     plan_resources,
 )
-from crossdet_ray.engine.run_logs import restore_announced_epoch
+from crossdet_ray.tune.failures import FailureRecorder
 from crossdet_ray.tune.reporter import read_checkpoint_pointer
 from crossdet_ray.tune.run_control import (
     RunControlCallback,
@@ -139,7 +139,8 @@ def connect_ray(config: LaunchConfig) -> str | None:
         if address:
             context = ray.init(address=address, logging_level=logging.WARNING)
         else:
-            context = ray.init(include_dashboard=config.dashboard,
+            # "local": a new Ray for this run, never one that `ray start` left on this machine.
+            context = ray.init(address="local", include_dashboard=config.dashboard,
                                dashboard_host=config.dashboard_host,
                                logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as error:
@@ -296,7 +297,8 @@ def launch(config: LaunchConfig) -> RunOutcome:
             name=config.name, storage_path=root_storage.root,
             storage_filesystem=root_storage.filesystem, verbose=config.verbose,
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2), callbacks=[control]),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[control, FailureRecorder(run_storage, config.train.to_dict())]),
     )
     return _fit_and_summarise(tuner, config, run_storage, dashboard_url, control)
 
@@ -334,7 +336,8 @@ def _resume(config: LaunchConfig) -> RunOutcome:
         # Tune.restore takes no RunConfig; the restored one holds an inert copy of the callback.
         run_config = tuner._local_tuner.get_run_config()
         run_config.callbacks = [c for c in (run_config.callbacks or [])
-                                if type(c) is not tune.Callback] + [control]
+                                if type(c) is not tune.Callback] + [
+            control, FailureRecorder(run_storage, original.train.to_dict())]
     return _fit_and_summarise(tuner, original, run_storage, dashboard_url, control)
 
 
@@ -381,14 +384,3 @@ def _restore_announced_rows(run_storage: RunStorage, results) -> None:
                             announced["epoch"])
         except (OSError, KeyError, ValueError) as error:
             logger.warning("%s: cannot check its last reported epoch: %s", name, error)
-
-
-def _saved_trial_statuses(run_storage: RunStorage) -> dict[str, str]:
-    """Each trial's status as Tune saved it in the experiment state, by trial name."""
-    try:
-        analysis = tune.ExperimentAnalysis(run_storage.root,
-                                           storage_filesystem=run_storage.filesystem)
-    except Exception as error:  # no state yet (interrupted before any trial started)
-        logger.warning("cannot read Tune's experiment state in %s: %s", run_storage.uri(), error)
-        return {}
-    return {trial.config["trial"]["name"]: trial.status for trial in analysis.trials}

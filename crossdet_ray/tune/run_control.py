@@ -108,11 +108,25 @@ class RunControlCallback(tune.Callback):
         if now < self._next_poll:
             return
         self._next_poll = now + 0.25
-        self._apply_no_retry(trials)
         if self.stop_now.is_set():
             self._stop_tune()
-        elif self.drain_requested.is_set():
-            self._drain(trials, now)
+            return
+        if self.control is None:
+            if self.drain_requested.is_set():  # nobody to drain: stop as Tune would
+                self._stop_tune()
+            return
+        try:
+            self._apply_no_retry(trials)
+            if self.drain_requested.is_set():
+                self._drain(trials, now)
+        except ray.exceptions.RayError as error:
+            # The control actor died (e.g. Ray's memory monitor killed it): the run goes on
+            # with Tune's own behaviour, never fails because of this mailbox.
+            logger.warning("run control lost (%s): Ctrl-C now stops at once and failures are "
+                           "retried as Tune does", str(error).splitlines()[0][:200])
+            self.control = None
+            if self.drain_requested.is_set():
+                self._stop_tune()
 
     def _apply_no_retry(self, trials: list) -> None:
         pending = ray.get(self.control.pending_no_retry.remote())

@@ -11,7 +11,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import posixpath
+import tempfile
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -74,8 +77,30 @@ def summarise_run(run_storage: RunStorage, run_config: dict[str, Any], results,
     except Exception:
         logger.exception("could not write every summary file in %s", run_storage.uri())
         summary.pop("_curves", None)
-        run_storage.write_text("final_summary.json", dumps_json(summary))
+        _write_summary_where_it_fits(run_storage, summary)
     return summary
+
+
+def _write_summary_where_it_fits(run_storage: RunStorage, summary: dict[str, Any]) -> None:
+    """final_summary.json in the run directory, or (a full disk, a lost bucket) in the
+    system's temporary folder; `summary["summary_path"]` says where it went."""
+    summary["summary_path"] = run_storage.uri("final_summary.json")
+    try:
+        run_storage.write_text("final_summary.json", dumps_json(summary))
+        return
+    except Exception as error:
+        reason = first_line(str(error))
+    name = posixpath.basename(run_storage.root.rstrip("/")) or "run"
+    fallback = Path(tempfile.gettempdir()) / f"crossdet_ray_{name}_final_summary.json"
+    summary["summary_path"] = str(fallback)
+    try:
+        RunStorage.from_uri(str(fallback.parent)).write_text(fallback.name, dumps_json(summary))
+    except Exception:
+        logger.exception("could not write the run's summary anywhere")
+        summary["summary_path"] = None
+        return
+    logger.warning("could not write final_summary.json in %s (%s): wrote it to %s instead",
+                   run_storage.uri(), reason, fallback)
 
 
 def run_exit_code(summary: dict[str, Any]) -> int:

@@ -30,6 +30,7 @@ from crossdet_ray.engine.train import TrainingStopped, fit
 from crossdet_ray.tune.datasets import ensure_dataset
 from crossdet_ray.tune.reporter import TrialReporter, read_checkpoint_pointer
 from crossdet_ray.tune.resources import torch_threads_for
+from crossdet_ray.tune.failures import wait_for_memory_before_retry
 from crossdet_ray.tune.run_control import TrialControl
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ def train_backbone(config: dict[str, Any]) -> None:
     )
 
     control = TrialControl(config.get("run_control"), tune.get_context().get_trial_id())
+    # After an out-of-memory kill, a retry waits for memory to free (or is not made at all).
+    wait_for_memory_before_retry(trial_storage, forbid_retry=control.forbid_retry)
     tune_checkpoint = tune.get_checkpoint()
     announced = read_checkpoint_pointer(tune_checkpoint) if tune_checkpoint is not None else None
     try:
