@@ -1,13 +1,22 @@
-"""Shared fixtures: a tiny synthetic RGB-thermal-event dataset made once per session."""
+"""Shared fixtures: a tiny synthetic RGB-thermal-event dataset made once per session, and
+small disks to fill up (the engine's storage tests and the command's crash tests use them)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
-import pytest
-
-# Tests must not oversubscribe CI's two cores (Ray trials run side by side).
+# Tests must not oversubscribe CI's two cores (Ray trials run side by side); set before the
+# imports below bring in torch.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pyarrow.fs as pafs  # noqa: E402
+import pytest  # noqa: E402
+
+from crossdet_ray.engine.storage import RunStorage  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +35,151 @@ def tiny_train_config(tiny_dataset):
 
     return TrainConfig(data=tiny_dataset, epochs=2, batch_size=2, lr=0.005, num_workers=0,
                        backbones=["mit_b0"], min_size=64, max_size=64, seed=0)
+
+
+class TmpfsDisk:
+    """A real tmpfs of `size` bytes mounted on `path`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.mount_point = str(path)
+
+    def mount(self, size: int) -> bool:
+        """False where mounting is not permitted (not root, or a container without the right)."""
+        try:
+            result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                                     str(self.path)], capture_output=True)
+        except FileNotFoundError:
+            return False
+        return result.returncode == 0
+
+    def resize(self, size: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True,
+                       capture_output=True)
+
+    def unmount(self) -> None:
+        if subprocess.run(["umount", str(self.path)], capture_output=True).returncode != 0:
+            # Lazily, so a test that leaked an open file cannot leave the mount behind.
+            subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.path).free
+
+    def storage(self, filesystem: pafs.FileSystem | None = None,
+                root: str | None = None) -> RunStorage:
+        if filesystem is None:
+            return RunStorage.from_uri(str(self.path / "run"))
+        return RunStorage(filesystem, root)
+
+
+class BudgetDisk:
+    """A plain directory that pretends to hold only `size` bytes.
+
+    Writes through its RunStorage raise ENOSPC once the files under the directory would
+    exceed the size, and the storage reports the remaining budget as the free space.
+    """
+
+    def __init__(self, path: Path, size: int):
+        self.path = path
+        self.size = size
+        self.mount_point = os.path.realpath(path)
+        while not os.path.ismount(self.mount_point):
+            self.mount_point = os.path.dirname(self.mount_point)
+
+    def resize(self, size: int) -> None:
+        self.size = size
+
+    def unmount(self) -> None:
+        pass
+
+    def used_bytes(self) -> int:
+        return sum(os.path.getsize(os.path.join(folder, name))
+                   for folder, _, names in os.walk(self.path) for name in names)
+
+    def free_bytes(self) -> int:
+        return max(self.size - self.used_bytes(), 0)
+
+    def storage(self, filesystem: pafs.FileSystem | None = None,
+                root: str | None = None) -> RunStorage:
+        if filesystem is None:
+            filesystem, root = pafs.LocalFileSystem(), str(self.path.resolve() / "run")
+        return _BudgetedRunStorage(filesystem, root, self)
+
+
+class _BudgetedFile:
+    """A file opened for writing that refuses bytes beyond its disk's budget."""
+
+    def __init__(self, path: str, disk: BudgetDisk):
+        self.raw = open(path, "wb", buffering=0)  # unbuffered: sizes on disk are current
+        self.disk = disk
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if view.nbytes > self.disk.free_bytes():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written = 0
+        while written < view.nbytes:
+            written += self.raw.write(view[written:])
+        return written
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class _BudgetedRunStorage(RunStorage):
+    def __init__(self, filesystem: pafs.FileSystem, root: str, disk: BudgetDisk):
+        super().__init__(filesystem, root)
+        self.disk = disk
+
+    def _open_local_output(self, path):
+        return _BudgetedFile(path, self.disk)
+
+    def _local_free_bytes(self, directory):
+        return self.disk.free_bytes()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A factory of small disks: `small_disk(2 << 20)` has room for 2 MiB.
+
+    Each is a real tmpfs mounted in tmp_path and unmounted afterwards. Where mounting is not
+    permitted (not root, or a container without CAP_SYS_ADMIN) it is a BudgetDisk instead:
+    a RunStorage subclass whose local writes raise ENOSPC past a byte budget, the same
+    failure without the kernel, so the tests still run rather than skip. Both offer `path`,
+    `mount_point`, `storage()`, `free_bytes()` and `resize(size)`.
+
+    `small_disk(size, kernel=True)` wants the real tmpfs and skips without one: for a test
+    whose writes come from another process (the command, Ray's workers), which the
+    BudgetDisk's RunStorage subclass cannot reach.
+    """
+    disks = []
+
+    def make(size: int, kernel: bool = False):
+        path = tmp_path / f"disk{len(disks)}"
+        path.mkdir()
+        disk = TmpfsDisk(path)
+        if not disk.mount(size):
+            if kernel:
+                pytest.skip("mounting a tmpfs is not permitted here (needs root or "
+                            "CAP_SYS_ADMIN)")
+            disk = BudgetDisk(path, size)
+        disks.append(disk)
+        return disk
+
+    try:
+        yield make
+    finally:
+        for disk in reversed(disks):
+            disk.unmount()

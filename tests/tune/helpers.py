@@ -1,13 +1,21 @@
-"""Reading a run directory back, as a user would: CSVs, JSON, the seed's layout."""
+"""Reading a run directory back, as a user would: CSVs, JSON, the seed's layout; and running
+the command as a user would, in a session of its own so that none of its processes outlives
+the test."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def epoch_rows(trial_dir: Path) -> list[dict[str, str]]:
@@ -53,17 +61,6 @@ def assert_epochs_once(trial_dir: Path, epochs: int) -> None:
 # Reading files another process is writing: not there yet, or not yet holding the key.
 READ_RACES = (FileNotFoundError, KeyError, json.JSONDecodeError)
 
-# Tune registers a reported checkpoint only after a second round trip to the trial's actor (a
-# `save` task), so a `checkpoint_*` directory can exist that a restarted trial never sees. A
-# trial that has logged this many epochs reported the first epoch's checkpoint a whole epoch
-# ago: an interrupt from then on resumes at epoch 2 or later.
-EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT = 2
-
-
-def tune_holds_a_checkpoint(trial_dir: Path) -> bool:
-    """True once an interrupt of this trial resumes it from a checkpoint (see above)."""
-    return len(epoch_rows(trial_dir)) >= EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT
-
 
 def poll_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05,
                process: subprocess.Popen | None = None) -> bool:
@@ -82,3 +79,137 @@ def poll_until(condition: Callable[[], bool], timeout: float, interval: float = 
             return False
         time.sleep(interval)
     return False
+
+
+def logged_epochs(trial_dir: Path) -> list[int]:
+    return [int(r["epoch"]) for r in epoch_rows(trial_dir)]
+
+
+def announced_epoch(run_dir: Path, trial_name: str) -> int:
+    """The epoch of the newest checkpoint Tune's saved experiment state holds for a trial
+    (0: none), i.e. what a `--resume` hands the restarted trial besides its own logs."""
+    from ray import tune
+
+    from crossdet_ray.tune.reporter import read_checkpoint_pointer
+
+    for trial in tune.ExperimentAnalysis(str(run_dir)).trials:
+        if trial.config["trial"]["name"] == trial_name:
+            if trial.checkpoint is None:
+                return 0
+            return int(read_checkpoint_pointer(trial.checkpoint)["epoch"])
+    raise KeyError(trial_name)
+
+
+# -- the command in a subprocess -----------------------------------------------------------------
+def command(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "experiments" / "all_backbones.py"), *args]
+
+
+def ray_env() -> dict[str, str]:
+    """The test's own local Ray, never a cluster a developer's RAY_ADDRESS names."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def small_run(tiny_dataset: str, log_dir: Path, name: str, epochs: int, *extra: str
+              ) -> tuple[str, ...]:
+    """One mit_b0 trial at 64 px on one CPU, quiet: a few seconds per epoch here."""
+    return ("--data", tiny_dataset, "--backbones", "mit_b0", "--min-size", "64",
+            "--max-size", "64", "--num-workers", "0", "--log-dir", str(log_dir), "--name", name,
+            "--no-dashboard", "--verbose", "0", "--gpus-per-trial", "0", "--cpus-per-trial", "1",
+            "--epochs", str(epochs), *extra)
+
+
+def session_processes(session_id: int) -> list[int]:
+    """Live (not zombie) processes of a session: a command started with start_new_session and
+    every Ray process it started, which keep its session even where they change group."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        state, session = fields[0], int(fields[3])
+        if session == session_id and state not in ("Z", "X"):
+            found.append(int(entry))
+    return found
+
+
+def process_ended(pid: int) -> bool:
+    """True once `pid` is gone or a zombie: a killed process that can write nothing more."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def kill_session(session_id: int, timeout: float = 60) -> bool:
+    """SIGKILL every process of the session; True once none is left."""
+    for pid in session_processes(session_id):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return poll_until(lambda: not session_processes(session_id), timeout=timeout)
+
+
+@dataclass
+class Command:
+    """The command running in its own session; its output goes to files (a pipe would be
+    held open by Ray processes that outlive a killed driver, and could fill up)."""
+
+    process: subprocess.Popen
+    stdout_path: Path
+    stderr_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def wait(self, timeout: float) -> int:
+        """The exit code; on a timeout the whole session is killed and TimeoutExpired raised."""
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        """End the command and every process it started (safe to call when all have ended)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        kill_session(self.pid)
+
+
+def start(args: tuple[str, ...] | list[str], output_dir: Path, label: str) -> Command:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stdout_path, stderr_path = output_dir / f"{label}.out", output_dir / f"{label}.err"
+    with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
+        process = subprocess.Popen(command(*args), stdout=stdout, stderr=stderr, text=True,
+                                   cwd=ROOT, env=ray_env(), start_new_session=True)
+    return Command(process, stdout_path, stderr_path)
+
+
+def run(args: tuple[str, ...] | list[str], output_dir: Path, label: str,
+        timeout: float = 300) -> Command:
+    """Run the command to its end; whatever it leaves running is killed."""
+    running = start(args, output_dir, label)
+    try:
+        running.wait(timeout)
+    finally:
+        running.kill()
+    return running

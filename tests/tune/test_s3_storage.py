@@ -5,19 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from .helpers import EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT, poll_until
+from .helpers import poll_until, run, start
 
 pytestmark = pytest.mark.ray
-ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "crossdet-runs"
 
 
@@ -53,40 +48,41 @@ def _text(client, key: str) -> str:
     return client.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
 
 
-def test_run_and_resume_with_the_run_directory_in_s3(s3_server, tiny_dataset):
+def test_run_and_resume_with_the_run_directory_in_s3(s3_server, tiny_dataset, tmp_path):
     client, port = s3_server
     log_dir = (f"s3://{BUCKET}/runs?endpoint_override=127.0.0.1:{port}&scheme=http"
                "&region=us-east-1")
     run_uri = (f"s3://{BUCKET}/runs/cloud?endpoint_override=127.0.0.1:{port}&scheme=http"
                "&region=us-east-1")
     prefix = "runs/cloud/"
-    command = [sys.executable, str(ROOT / "experiments" / "all_backbones.py")]
     args = ["--data", tiny_dataset, "--backbones", "mit_b0", "--epochs", "4", "--min-size", "64",
             "--max-size", "64", "--num-workers", "0", "--log-dir", log_dir, "--name", "cloud",
             "--gpus-per-trial", "0", "--cpus-per-trial", "1", "--keep-checkpoints", "2",
             "--no-dashboard", "--verbose", "0"]
-    env = {**os.environ}
-    env.pop("RAY_ADDRESS", None)
-    process = subprocess.Popen(command + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=ROOT, env=env)
     epochs_csv = prefix + "mit_b0/logs/epoch_metrics.csv"
 
-    def epochs_logged() -> int:
+    def logged_epochs() -> list[str]:
         if epochs_csv not in _keys(client, prefix + "mit_b0/"):
-            return 0
-        return len(list(csv.DictReader(io.StringIO(_text(client, epochs_csv)))))
+            return []
+        return [r["epoch"] for r in csv.DictReader(io.StringIO(_text(client, epochs_csv)))]
 
-    if not poll_until(lambda: epochs_logged() >= EPOCHS_LOGGED_ONCE_TUNE_HOLDS_A_CHECKPOINT,
-                      timeout=240, interval=0.2, process=process):
-        process.kill()
-        pytest.fail(f"the run ended early: {process.communicate()[1][-3000:]}")
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode != 0 and "--resume" in stderr
+    driver = start(args, tmp_path, "first")
+    try:
+        # The trigger is the log row itself: a row promises its epoch is safe.
+        if not poll_until(lambda: len(logged_epochs()) >= 1, timeout=240, interval=0.2,
+                          process=driver.process):
+            pytest.fail(f"the run ended early: {driver.stderr[-3000:]}")
+        driver.process.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=180) == 130, driver.stderr[-3000:]
+    finally:
+        driver.kill()
+    assert "--resume" in driver.stderr
+    # Read once the run has stopped: the drain may have logged the epoch it was saving.
+    done = logged_epochs()
+    assert done == [str(e) for e in range(1, len(done) + 1)] and len(done) < 4
 
-    resumed = subprocess.run(command + ["--resume", run_uri, "--no-dashboard", "--verbose", "0"],
-                             capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = run(["--resume", run_uri, "--no-dashboard", "--verbose", "0"], tmp_path, "resume")
+    assert resumed.process.returncode == 0, resumed.stderr[-3000:]
 
     keys = _keys(client, prefix)
     for name in ("run_config.json", "final_summary.json", "summary.csv", "summary.parquet",
@@ -98,10 +94,14 @@ def test_run_and_resume_with_the_run_directory_in_s3(s3_server, tiny_dataset):
     epoch_files = [k for k in keys if "/checkpoints/epoch_" in k]
     assert len(epoch_files) == 2 and epoch_files[-1].split("/")[-1].startswith("epoch_004_")
     assert not [k for k in keys if ".tmp-" in k]
-    rows = list(csv.DictReader(io.StringIO(_text(client, prefix + "mit_b0/logs/epoch_metrics.csv"))))
-    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+    assert logged_epochs() == ["1", "2", "3", "4"]
+    batches = [(r["epoch"], r["batch"]) for r in
+               csv.DictReader(io.StringIO(_text(client, prefix + "mit_b0/logs/batch_metrics.csv")))]
+    assert len(batches) == len(set(batches)) and {e for e, _ in batches} == {"1", "2", "3", "4"}
     info = json.loads(_text(client, prefix + "mit_b0/logs/training_info.json"))
-    assert info["status"] == "completed" and min(info["resumed_at_epochs"]) >= 2
+    assert info["status"] == "completed"
+    # Exactly after the last logged epoch: nothing the logs showed was trained again.
+    assert info["resumed_at_epochs"] == [len(done) + 1]
     assert info["final_model_path"].startswith(f"s3://{BUCKET}/{prefix}")
     summary = json.loads(_text(client, prefix + "final_summary.json"))
     assert summary["num_succeeded"] == 1
