@@ -189,6 +189,7 @@ class SeedLogWriter:
         self._files_lock = threading.Lock()  # rows and info are written from two threads
         self._submit_lock = threading.Lock()
         self._closed = False
+        self._started = False  # on_train_start ran: the rows in memory are the trial's
 
     # -- listener interface -------------------------------------------------------------
     def on_train_start(self, info: dict[str, Any]) -> None:
@@ -227,6 +228,7 @@ class SeedLogWriter:
         with self._files_lock:
             self._write_csvs()
             self._write_info()
+        self._started = True
 
     def on_batch_end(self, metrics: BatchMetrics) -> None:
         self._epoch_batches.append(vars(metrics).copy())
@@ -303,9 +305,15 @@ class SeedLogWriter:
         except BaseException:  # the failure being recorded may be this very write
             logger.exception("%s: the last epoch checkpoint could not be written", self.backbone)
         with self._files_lock:
+            if not self._started:
+                # Failed before training (e.g. no checkpoint loads): the files on storage are
+                # an earlier attempt's record, kept whole; only the verdict is added.
+                self.info = {**self._read_previous_info(), **{
+                    k: v for k, v in self.info.items() if k not in ("status", "config")}}
             self.info.update({"status": "failed", "error": error, **details})
             try:
-                self._write_csvs()
+                if self._started:
+                    self._write_csvs()
                 self._write_info()
             except OSError:  # a full disk: the trial's failure still reaches Tune and the log
                 logger.exception("%s: could not record the failure in %s", self.backbone,

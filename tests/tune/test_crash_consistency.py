@@ -243,11 +243,6 @@ def test_when_every_checkpoint_is_damaged_the_trial_fails_naming_them(interrupte
     assert tune_trial.num_failures == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a trial that fails before fit() starts (here: no checkpoint loads) records the failure "
-    "with SeedLogWriter.mark_failed, which rewrites epoch_metrics.csv and batch_metrics.csv "
-    "from its still-empty rows and training_info.json from a fresh record; the launcher then "
-    "restores only the epoch Tune announced, so the earlier epochs' rows are lost"))
 def test_a_resume_that_fails_before_training_keeps_the_logs(interrupted_run, tmp_path):
     run_dir, trial, done = _copy_of(interrupted_run, tmp_path)
     before = (epoch_rows(trial), batch_rows(trial), training_info(trial))
