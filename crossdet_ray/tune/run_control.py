@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 import ray
 from ray import tune
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,15 @@ def control_actor_name(run_uri: str) -> str:
 
 
 def start_run_control(name: str):
-    """The driver's control actor (a resumed run replaces the dead one of the same name)."""
-    return RunControl.options(name=name, get_if_exists=True).remote()
+    """The driver's control actor (a resumed run replaces the dead one of the same name).
+
+    Pinned to the driver's node: anywhere else, losing that node would silently end Ctrl-C's
+    drain and the no-retry requests for the rest of the run.
+    """
+    driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                 soft=False)
+    return RunControl.options(name=name, get_if_exists=True,
+                              scheduling_strategy=driver_node).remote()
 
 
 # -- driver side -------------------------------------------------------------------------------
