@@ -14,6 +14,11 @@ the first N frames of a larger set are the same files. `RandomState` is used rat
 `default_rng` because numpy freezes its streams across versions.
 
     python -m crossdet_ray.synthetic OUT --num-images 64 --seed 0 [--sizes 64x64 240x320]
+
+`max_objects` and `object_scale` make an easier set than the real-like default (e.g. 1-2 boxes
+of 35-55 % of the short side: `--max-objects 2 --object-scale 0.35 0.55`), one a small detector
+learns in a few CPU epochs; the learning tests train on such a set. At their defaults they are
+left out of synthetic.json, so default datasets keep the bytes they always had.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ DEFAULT_FRAME_SIZES: tuple[tuple[int, int], ...] = (
 DEFAULT_FRAME_SIZE_WEIGHTS: tuple[float, ...] = (0.3, 0.3, 0.2, 0.1, 0.1)
 MIN_FRAME_SIDE = 16
 MAX_OBJECTS = 5
+# Box heights are drawn log-uniformly between these fractions of the frame's short side.
+OBJECT_SCALE: tuple[float, float] = (0.06, 0.3)
 METADATA_FILE = "synthetic.json"
 
 DAY, NIGHT = "day", "night"
@@ -51,6 +58,8 @@ class SyntheticConfig:
     sizes: tuple[tuple[int, int], ...] | None = None  # (height, width) choices; None = real-like
     night_fraction: float = 0.5
     num_classes: int = 1
+    max_objects: int = MAX_OBJECTS  # each frame holds 1..max_objects boxes
+    object_scale: tuple[float, float] = OBJECT_SCALE  # (smallest, largest) / short side
 
     def validate(self) -> None:
         if self.num_images < 1:
@@ -61,6 +70,12 @@ class SyntheticConfig:
             raise ValueError(f"night_fraction={self.night_fraction}: must be within [0, 1]")
         if self.num_classes < 1:
             raise ValueError(f"num_classes={self.num_classes}: need at least one class")
+        if self.max_objects < 1:
+            raise ValueError(f"max_objects={self.max_objects}: need at least one object a frame")
+        smallest, largest = self.object_scale
+        if not 0.0 < smallest <= largest <= 1.0:
+            raise ValueError(f"object_scale={self.object_scale}: need 0 < smallest <= largest "
+                             "<= 1 (fractions of the frame's short side)")
         for height, width in self.sizes or ():
             if min(height, width) < MIN_FRAME_SIDE:
                 raise ValueError(f"frame size {height}x{width}: each side must be at least "
@@ -117,13 +132,15 @@ def _smooth_noise(rng: np.random.RandomState, height: int, width: int, cell: int
     return top * (1 - fy) + bottom * fy
 
 
-def _place_objects(rng: np.random.RandomState, height: int, width: int,
-                   num_classes: int) -> list[SyntheticObject]:
-    """1-5 boxes, mostly apart (IoU < 0.2), sized like the real set's (many small ones)."""
+def _place_objects(rng: np.random.RandomState, height: int, width: int, num_classes: int,
+                   max_objects: int = MAX_OBJECTS,
+                   object_scale: tuple[float, float] = OBJECT_SCALE) -> list[SyntheticObject]:
+    """1-max_objects boxes, mostly apart (IoU < 0.2); by default sized like the real set's
+    (many small ones)."""
     short_side = min(height, width)
-    smallest = max(6.0, 0.06 * short_side)
-    largest = max(smallest + 1.0, 0.3 * short_side)
-    wanted = rng.randint(1, MAX_OBJECTS + 1)
+    smallest = max(6.0, object_scale[0] * short_side)
+    largest = max(smallest + 1.0, object_scale[1] * short_side)
+    wanted = rng.randint(1, max_objects + 1)
     objects: list[SyntheticObject] = []
     for _attempt in range(wanted * 10):
         if len(objects) == wanted:
@@ -178,7 +195,8 @@ def render_frame(index: int, config: SyntheticConfig) -> SyntheticFrame:
     else:
         choice = rng.choice(len(DEFAULT_FRAME_SIZES), p=DEFAULT_FRAME_SIZE_WEIGHTS)
         height, width = DEFAULT_FRAME_SIZES[choice]
-    objects = _place_objects(rng, height, width, config.num_classes)
+    objects = _place_objects(rng, height, width, config.num_classes, config.max_objects,
+                             config.object_scale)
     night = scene == NIGHT
 
     # Thermal: a cool textured background (cooler at night), warmer towards the ground.
@@ -253,16 +271,21 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def generate_dataset(out_dir: str | os.PathLike, num_images: int, seed: int = 0,
                      sizes: Sequence[tuple[int, int]] | None = None, night_fraction: float = 0.5,
-                     num_classes: int = 1) -> Path:
+                     num_classes: int = 1, max_objects: int = MAX_OBJECTS,
+                     object_scale: Sequence[float] = OBJECT_SCALE) -> Path:
     """Write `num_images` frames and their labels under `out_dir` (created if needed).
 
     `sizes`: (height, width) choices, one drawn per frame; None draws the real dataset's sizes.
+    `max_objects`, `object_scale`: boxes per frame (1..max_objects) and their height range as
+    fractions of the short side; raise the scale and lower the count for an easy set.
     Returns `out_dir` as a Path.
     """
     config = SyntheticConfig(
         num_images=int(num_images), seed=int(seed), night_fraction=float(night_fraction),
         num_classes=int(num_classes),
-        sizes=tuple((int(h), int(w)) for h, w in sizes) if sizes else None)
+        sizes=tuple((int(h), int(w)) for h, w in sizes) if sizes else None,
+        max_objects=int(max_objects),
+        object_scale=(float(object_scale[0]), float(object_scale[1])))
     config.validate()
     out_dir = Path(out_dir)
     images_dir, labels_dir = out_dir / "images", out_dir / "labels"
@@ -280,7 +303,12 @@ def generate_dataset(out_dir: str | os.PathLike, num_images: int, seed: int = 0,
         scene_counts[frame.scene] += 1
         num_boxes += len(frame.objects)
 
-    metadata = {"generator": "crossdet_ray.synthetic", **asdict(config), "num_boxes": num_boxes,
+    described = asdict(config)
+    # At their defaults the newer options stay out, so older datasets' synthetic.json is unchanged.
+    for name, default in (("max_objects", MAX_OBJECTS), ("object_scale", OBJECT_SCALE)):
+        if getattr(config, name) == default:
+            del described[name]
+    metadata = {"generator": "crossdet_ray.synthetic", **described, "num_boxes": num_boxes,
                 "num_day": scene_counts[DAY], "num_night": scene_counts[NIGHT]}
     _write_atomically(out_dir / METADATA_FILE,
                       (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode("ascii"))
@@ -313,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--night-fraction", type=float, default=0.5,
                         help="share of night scenes (0.5)")
     parser.add_argument("--num-classes", type=int, default=1, help="object classes (1)")
+    parser.add_argument("--max-objects", type=int, default=MAX_OBJECTS,
+                        help=f"at most this many boxes a frame ({MAX_OBJECTS})")
+    parser.add_argument("--object-scale", type=float, nargs=2, default=list(OBJECT_SCALE),
+                        metavar=("SMALLEST", "LARGEST"),
+                        help="box heights as fractions of the short side (%g %g); e.g. "
+                             "--max-objects 2 --object-scale 0.35 0.55 for an easy set"
+                             % OBJECT_SCALE)
     return parser
 
 
@@ -322,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         out = generate_dataset(args.out, args.num_images, seed=args.seed, sizes=args.sizes,
-                               night_fraction=args.night_fraction, num_classes=args.num_classes)
+                               night_fraction=args.night_fraction, num_classes=args.num_classes,
+                               max_objects=args.max_objects, object_scale=args.object_scale)
     except ValueError as error:
         parser.error(str(error))
     metadata = json.loads((out / METADATA_FILE).read_text())
