@@ -304,9 +304,14 @@ def launch(config: LaunchConfig) -> RunOutcome:
 
 
 def _scheduler(config: LaunchConfig):
-    if config.scheduler == "asha":
+    """ASHA's rungs lie strictly before the last epoch, and it never stops a trial at max_t:
+    a stop at the last epoch's report would end the trial before it writes its final files,
+    so a trial that trained every epoch would read as stopped. One epoch leaves ASHA nothing
+    to compare early, so that run is plain FIFO."""
+    if config.scheduler == "asha" and config.train.epochs > 1:
         return ASHAScheduler(metric="map", mode="max", time_attr="training_iteration",
-                             max_t=config.train.epochs, grace_period=1, reduction_factor=2)
+                             max_t=config.train.epochs - 1, grace_period=1,
+                             reduction_factor=2, stop_last_trials=False)
     return FIFOScheduler()
 
 
