@@ -4,9 +4,10 @@ One run of the command serves every test here (a module fixture): mit_b0 over an
 two, `--lr 0.01 --lr-grid 1 1e-5 --scheduler asha`, on a small easy synthetic set. The lr 0.01
 trial is the learning run; the lr 1e-7 trial cannot learn and ASHA must stop it.
 
-Expected runtime on the 2-core development machine, shared with other work (load 3-5):
-2.5-3 minutes in all (measured 152, 186 and 187 s at load 3-9), nearly all of it the run: 4 epochs of the
-good trial and 1 of the bad one, 15-22 s each, one after the other, plus Ray's start.
+Expected runtime on the 2-core development machine, shared with other work: 2.5-3 minutes
+in all (152, 186 and 187 s measured at load averages of 3 to 9), nearly all of it the run:
+4 epochs of the good trial and 1 of the bad one, 15-22 s each, one after the other, plus
+Ray's start.
 """
 
 from __future__ import annotations
