@@ -7,6 +7,7 @@ import errno
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 # Tests must not oversubscribe CI's two cores (Ray trials run side by side); set before the
@@ -183,3 +184,78 @@ def small_disk(tmp_path):
     finally:
         for disk in reversed(disks):
             disk.unmount()
+
+
+# -- no silent skips -------------------------------------------------------------------------
+TESTS = Path(__file__).resolve().parent
+GPU_TESTS = TESTS / "gpu"
+CPU_ONLY_REASON = ("cpu_only: this test checks what happens without a GPU, and CUDA sees one "
+                   "here (torch.cuda.is_available() is True); it runs on CPU-only machines")
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    # Marked, not skipped from inside the test, so the skip is the one the hook below allows.
+    if any(item.get_closest_marker("cpu_only") for item in items) and _cuda_visible():
+        for item in items:
+            if item.get_closest_marker("cpu_only"):
+                item.add_marker(pytest.mark.skip(reason=CPU_ONLY_REASON))
+
+
+def _skip_allowed(path: Path, item: pytest.Item | None = None) -> bool:
+    """tests/gpu without CUDA, and cpu_only tests with CUDA: the only documented skips."""
+    if GPU_TESTS == path or GPU_TESTS in path.resolve().parents:
+        return True
+    return item is not None and item.get_closest_marker("cpu_only") is not None \
+        and _cuda_visible()
+
+
+def _as_failure(report, where: str) -> None:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = (f"{where} was skipped ({reason}); outside tests/gpu and the cpu_only "
+                       "marker a skip is a failure: a missing dependency or permission must "
+                       "not quietly leave a promise untested")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    # An xfail is reported as a skip with `wasxfail`: it is expected, and strict ones fail
+    # when they pass, so it is left alone.
+    if report.skipped and not hasattr(report, "wasxfail") \
+            and not _skip_allowed(Path(item.path), item):
+        _as_failure(report, item.nodeid)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    # A module-level importorskip or skip(allow_module_level=True) skips a whole file.
+    path = getattr(collector, "path", None)
+    if report.skipped and path is not None and not _skip_allowed(Path(path)):
+        _as_failure(report, collector.nodeid)
+    return report
+
+
+# -- a Ray of the test's own -------------------------------------------------------------------
+@pytest.fixture
+def private_ray_tmpdir(monkeypatch):
+    """RAY_TMPDIR in a fresh folder for this test, removed afterwards.
+
+    `ray.cluster_utils.Cluster` records its address in RAY_TMPDIR/ray/ray_current_cluster
+    (default /tmp/ray), where any `ray.init()` on the machine would find and join it, and its
+    shutdown deletes that file whoever wrote it. Short, for Ray's socket paths.
+    """
+    folder = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", folder)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

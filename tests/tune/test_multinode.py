@@ -15,17 +15,22 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture
-def three_nodes():
+def three_nodes(private_ray_tmpdir):
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0})
-    workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
-    ray.init(address=cluster.address)
-    cluster.wait_for_nodes()
-    yield cluster, workers
-    ray.shutdown()
-    cluster.shutdown()
+    # In a private RAY_TMPDIR: the cluster neither becomes the machine's default Ray for
+    # others' ray.init() nor, shutting down, removes the record of theirs.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0,
+                                                            "include_dashboard": False})
+    try:
+        workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+        ray.init(address=cluster.address)
+        cluster.wait_for_nodes()
+        yield cluster, workers
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def _config(tiny_dataset, log_dir, name, epochs):

@@ -1,0 +1,160 @@
+"""Promises about where a run runs, through the real command: the dashboard's interface, joining
+a running cluster with --address, and the built-in dataset's cache."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from crossdet_ray.synthetic import generate_dataset
+
+from .helpers import poll_until, run, small_run, start, training_info
+
+pytestmark = pytest.mark.ray
+
+DASHBOARD_LINE = re.compile(r"Ray dashboard: http://([^:/\s]+):(\d+)")
+
+
+def _dashboard_run(tiny_dataset: str, tmp_path: Path, host: str) -> tuple[str, int]:
+    """Start a run with `--dashboard-host host`; the (host, port) its log names, checked to
+    answer while the run is alive. The run is then ended: only its start matters here."""
+    args = [a for a in small_run(tiny_dataset, tmp_path / "logs", "dash", 2)
+            if a != "--no-dashboard"]
+    command = start([*args, "--dashboard-host", host], tmp_path, "dash")
+    try:
+        found = {}
+
+        def logged() -> bool:
+            match = DASHBOARD_LINE.search(command.stderr)
+            if match:
+                found.update(host=match.group(1), port=int(match.group(2)))
+            return bool(match)
+
+        assert poll_until(logged, timeout=240, process=command.process), command.stderr[-3000:]
+        logged_host, port = found["host"], found["port"]
+        # The URL as logged is where the dashboard answers (Ray starts it before it returns).
+        with urllib.request.urlopen(f"http://{logged_host}:{port}/", timeout=30) as response:
+            assert response.status == 200
+        # Bound to that interface alone: the machine's own address does not answer.
+        node_ip = _node_ip()
+        if node_ip != logged_host and not ipaddress.ip_address(node_ip).is_loopback:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((node_ip, port), timeout=30).close()
+        return logged_host, port
+    finally:
+        command.kill()
+
+
+def _node_ip() -> str:
+    import ray.util
+
+    return ray.util.get_node_ip_address()
+
+
+def test_the_dashboard_binds_to_the_host_given_and_says_where(tiny_dataset, tmp_path):
+    host, _ = _dashboard_run(tiny_dataset, tmp_path, "127.0.0.1")
+    assert host == "127.0.0.1"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Ray reports any dashboard host but localhost as the node's IP (dashboard/head.py), and "
+    "the command logs that URL, where nothing listens; launcher.connect_ray should log the "
+    "host it was given"))
+def test_another_dashboard_host_is_logged_as_given(tiny_dataset, tmp_path):
+    # 127.0.0.2: another interface that only this machine reaches (0.0.0.0 would expose it).
+    host, _ = _dashboard_run(tiny_dataset, tmp_path, "127.0.0.2")
+    assert host == "127.0.0.2"
+
+
+@pytest.fixture
+def running_cluster(private_ray_tmpdir):
+    """A one-node Ray cluster started by the test (3 CPUs, unlike this machine's own Ray),
+    with the test connected to it to see its nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "num_gpus": 0,
+                                                            "include_dashboard": False})
+    try:
+        ray.init(address=cluster.address)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _alive_nodes() -> dict[str, dict]:
+    import ray
+
+    return {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+
+
+def test_address_joins_the_running_cluster(running_cluster, tiny_dataset, tmp_path):
+    nodes = _alive_nodes()
+    result = run(small_run(tiny_dataset, tmp_path / "logs", "joined", 1, "--address",
+                           running_cluster.address), tmp_path, "joined")
+    assert result.process.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "logs" / "joined"
+    # The trial ran on the cluster's node, and the run planned for the cluster's shape.
+    assert training_info(run_dir / "mit_b0")["node_id"] in nodes
+    saved = json.loads((run_dir / "run_config.json").read_text())
+    assert saved["address"] == running_cluster.address
+    assert saved["cluster"]["nodes"] == [{"CPU": 3.0, "GPU": 0.0}]
+    # The command left the cluster as it found it, running.
+    assert _alive_nodes().keys() == nodes.keys()
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under `folder`: (inode, mtime in ns, contents), by relative path."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            files[str(path.relative_to(folder))] = (stat.st_ino, stat.st_mtime_ns,
+                                                    path.read_bytes())
+    return files
+
+
+def test_the_builtin_dataset_is_made_once_then_reused(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CROSSDET_CACHE", str(cache))  # the command inherits the test's env
+
+    def without_data(name: str):
+        # small_run's flags but --data: the built-in dataset, at 8 frames of 64 px.
+        args = small_run("", tmp_path / "logs", name, 1)
+        assert args[:2] == ("--data", "")
+        return run([*args[2:], "--synthetic-images", "8", "--synthetic-frame-size", "64"],
+                   tmp_path, name)
+
+    first = without_data("first")
+    assert first.process.returncode == 0, first.stderr[-3000:]
+    assert sorted(p.name for p in cache.iterdir()) == ["synthetic_n8_seed0_64px"]
+    dataset = cache / "synthetic_n8_seed0_64px"
+    made = _files(dataset)
+    # The flags' dataset: what the generator makes for 8 frames, seed 0, 64x64 px.
+    expected = generate_dataset(tmp_path / "expected", 8, seed=0, sizes=[(64, 64)])
+    assert {k: v[2] for k, v in made.items()} == {
+        k: v[2] for k, v in _files(expected).items()}
+    generated = re.findall(r"crossdet_ray\.synthetic: synthetic dataset .*: 8 frames",
+                           first.stderr)
+    assert len(generated) == 1, first.stderr[-3000:]
+    assert "Ray dashboard:" not in first.stderr  # --no-dashboard
+
+    second = without_data("second")
+    assert second.process.returncode == 0, second.stderr[-3000:]
+    # Reused as it was: the same files, neither rewritten nor replaced, and no new folder.
+    assert _files(dataset) == made
+    assert sorted(p.name for p in cache.iterdir()) == ["synthetic_n8_seed0_64px"]
+    assert "crossdet_ray.synthetic" not in second.stderr, second.stderr[-3000:]
+    for result, name in ((first, "first"), (second, "second")):
+        assert "no --data given: using the built-in synthetic" in result.stderr
+        saved = json.loads((tmp_path / "logs" / name / "run_config.json").read_text())
+        assert saved["data"]["resolved_path"] == str(dataset)
+        assert training_info(tmp_path / "logs" / name / "mit_b0")["status"] == "completed"

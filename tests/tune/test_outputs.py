@@ -1,0 +1,249 @@
+"""What a finished run writes, read back: every file against the others and against figures
+worked out here, not only that the files exist. One real run of the command (two backbones,
+two epochs) is shared by the module."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from crossdet_ray.engine.run_logs import EPOCH_COLUMNS
+from crossdet_ray.tune.summary import SUMMARY_COLUMNS
+
+from .helpers import assert_epochs_once, epoch_rows, run, training_info
+
+pytestmark = pytest.mark.ray
+
+SEED_EPOCH_COLUMNS = ["epoch", "avg_loss", "total_loss", "epoch_time_sec", "learning_rate",
+                      "is_best", "checkpoint_path", "timestamp"]
+BACKBONES = ["mit_b0", "mit_b1"]
+EPOCHS = 2
+LR, LR_STEP, LR_GAMMA = 0.004, 1, 0.5
+# Every epoch_metrics.csv column that Tune also receives as a number (the trial reporter
+# drops the timestamp, and the checkpoint path is not a metric).
+REPORTED_COLUMNS = [c for c in EPOCH_COLUMNS if c not in ("timestamp", "checkpoint_path")]
+
+
+def _argv(data: str, log_dir: Path) -> list[str]:
+    # Flags away from their defaults wherever the run allows, so that the round trip through
+    # run_config.json cannot pass by defaults alone.
+    return ["--data", data, "--backbones", *BACKBONES, "--epochs", str(EPOCHS),
+            "--lr", str(LR), "--lr-step-size", str(LR_STEP), "--lr-gamma", str(LR_GAMMA),
+            "--batch-size", "2", "--num-workers", "0", "--min-size", "64", "--max-size", "64",
+            "--seed", "3", "--amp", "off", "--channels-last", "off",
+            "--log-dir", str(log_dir), "--name", "outputs", "--gpus-per-trial", "0",
+            "--cpus-per-trial", "1", "--keep-checkpoints", "1", "--max-failures", "1",
+            "--synthetic-images", "8", "--no-dashboard", "--verbose", "0"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_dataset, tmp_path_factory):
+    """(argv, run directory) of a finished run; its ~1 GB of checkpoints go with the module."""
+    folder = tmp_path_factory.mktemp("outputs")
+    argv = _argv(tiny_dataset, folder / "logs")
+    try:
+        result = run(argv, folder, "command", timeout=540)
+        assert result.process.returncode == 0, result.stderr[-3000:]
+        yield argv, folder / "logs" / "outputs"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _float(text: str) -> float | None:
+    return None if text == "" else float(text)
+
+
+def _csv_numbers(row: dict[str, str], column: str) -> float | None:
+    if column == "is_best":
+        return {"True": 1.0, "False": 0.0}[row[column]]
+    return _float(row[column])
+
+
+def _masked_crc32c(data: bytes) -> int:
+    from tensorboardX.crc32c import crc32c
+
+    crc = crc32c(data) & 0xFFFFFFFF
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tensorboard_scalars(trial_dir: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from every events file of a trial, read record by record
+    (TFRecord framing: length, its CRC, the Event proto, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, dict[int, float]] = {}
+    files = sorted(trial_dir.glob("events.out.tfevents.*"))
+    assert files, f"no TensorBoard events in {trial_dir}"
+    for path in files:
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            header = data[offset:offset + 8]
+            (length,) = struct.unpack("<Q", header)
+            (header_crc,) = struct.unpack("<I", data[offset + 8:offset + 12])
+            payload = data[offset + 12:offset + 12 + length]
+            (payload_crc,) = struct.unpack("<I", data[offset + 12 + length:offset + 16 + length])
+            assert header_crc == _masked_crc32c(header), f"{path}: damaged record at {offset}"
+            assert payload_crc == _masked_crc32c(payload), f"{path}: damaged record at {offset}"
+            offset += 16 + length
+            event = Event.FromString(payload)
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    steps = scalars.setdefault(value.tag, {})
+                    assert event.step not in steps, f"{value.tag} logged twice at {event.step}"
+                    steps[event.step] = value.simple_value
+    return scalars
+
+
+def test_run_directory_has_the_seed_layout_and_tune_state(finished_run):
+    from ray import tune
+
+    from crossdet_ray.models import build_detector
+
+    _, run_dir = finished_run
+    for name in ("run_config.json", "final_summary.json", "summary.csv", "summary.parquet",
+                 "training_curves.png"):
+        assert (run_dir / name).is_file(), name
+    for backbone in BACKBONES:
+        trial = run_dir / backbone
+        files = sorted(p.name for p in (trial / "checkpoints").iterdir())
+        # --keep-checkpoints 1: the last epoch file, plus best and final.
+        epoch_files = [f for f in files if f.startswith("epoch_")]
+        assert len(epoch_files) == 1 and epoch_files[0].startswith("epoch_002_loss_")
+        assert sorted(set(files) - set(epoch_files)) == sorted(
+            ["best_model.pth", f"{backbone}_final.pth", f"{backbone}_final_complete.pth"])
+        rows = epoch_rows(trial)
+        assert list(rows[0]) == list(EPOCH_COLUMNS)
+        assert list(rows[0])[:8] == SEED_EPOCH_COLUMNS
+        assert_epochs_once(trial, EPOCHS)
+        info = training_info(trial)
+        for key in ("backbone", "status", "config", "model_parameters", "best_epoch",
+                    "best_loss", "epoch_losses", "epoch_times", "final_model_path", "device",
+                    "node", "pid", "resources"):
+            assert key in info, key
+        # The seed's "Load Best Model for Inference" recipe.
+        checkpoint = torch.load(trial / "checkpoints" / "best_model.pth", weights_only=True)
+        model = build_detector(backbone, num_classes=2)
+        model.load_state_dict(checkpoint["model_state_dict"])
+        assert checkpoint["epoch"] == info["best_epoch"]
+        assert sum(p.numel() for p in model.parameters()) == info["model_parameters"]
+    # Tune's own tools read the same directory.
+    results = tune.ExperimentAnalysis(str(run_dir))
+    assert sorted(t.config["trial"]["name"] for t in results.trials) == BACKBONES
+
+
+def test_epoch_rows_follow_the_schedule_and_mark_the_best(finished_run):
+    _, run_dir = finished_run
+    for backbone in BACKBONES:
+        rows = epoch_rows(run_dir / backbone)
+        for row in rows:
+            epoch = int(row["epoch"])
+            # StepLR, worked out here: lr * gamma ** floor((epoch - 1) / step).
+            assert float(row["learning_rate"]) == pytest.approx(
+                LR * LR_GAMMA ** ((epoch - 1) // LR_STEP), rel=1e-12)
+        losses = [float(r["avg_loss"]) for r in rows]
+        running_best = [losses[i] < min(losses[:i], default=math.inf) for i in range(len(rows))]
+        assert [r["is_best"] == "True" for r in rows] == running_best
+        info = training_info(run_dir / backbone)
+        assert info["epoch_losses"] == losses
+
+
+def test_tensorboard_holds_each_epoch_row(finished_run):
+    _, run_dir = finished_run
+    for backbone in BACKBONES:
+        rows = epoch_rows(run_dir / backbone)
+        scalars = tensorboard_scalars(run_dir / backbone)
+        losses = [float(r["avg_loss"]) for r in rows]
+        for row in rows:
+            epoch = int(row["epoch"])
+            # TensorBoard keeps float32: the CSV's value rounded to float32 must be it exactly.
+            for column in REPORTED_COLUMNS:
+                expected = _csv_numbers(row, column)
+                tag = f"ray/tune/{column}"
+                if expected is None:  # no mAP: not reported, so not logged either
+                    assert epoch not in scalars.get(tag, {}), (backbone, tag, epoch)
+                    continue
+                assert scalars[tag][epoch] == np.float32(expected), (backbone, tag, epoch)
+            # The running best, which the CSV does not hold, worked out from its losses.
+            best = min(losses[:epoch])
+            assert scalars["ray/tune/best_loss"][epoch] == np.float32(best)
+            assert scalars["ray/tune/best_epoch"][epoch] == losses.index(best) + 1
+        for tag in ("ray/tune/avg_loss", "ray/tune/map", "ray/tune/learning_rate"):
+            assert sorted(scalars[tag]) == list(range(1, EPOCHS + 1)), (backbone, tag)
+
+
+def _records(frame: pd.DataFrame) -> list[dict]:
+    """Rows with every missing value as None (Parquet keeps None, a CSV reads back NaN)."""
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+            for row in frame.astype(object).to_dict("records")]
+
+
+def test_summary_tables_agree_with_each_trials_files(finished_run):
+    _, run_dir = finished_run
+    from_csv = pd.read_csv(run_dir / "summary.csv")
+    from_parquet = pd.read_parquet(run_dir / "summary.parquet")
+    assert list(from_csv.columns) == list(from_parquet.columns) == list(SUMMARY_COLUMNS)
+    assert _records(from_csv) == _records(from_parquet)
+    summary = json.loads((run_dir / "final_summary.json").read_text())
+    assert summary["num_trials"] == summary["num_succeeded"] == len(BACKBONES)
+
+    for row, from_json in zip(_records(from_parquet), summary["results"], strict=True):
+        name = row["trial"]
+        info = training_info(run_dir / name)
+        rows = epoch_rows(run_dir / name)
+        losses = [float(r["avg_loss"]) for r in rows]
+        best_epoch = losses.index(min(losses)) + 1
+        best_row = rows[best_epoch - 1]
+        assert (row["backbone"], row["lr"], row["status"]) == (name, LR, "completed")
+        assert row["status"] == info["status"]
+        assert row["params"] == info["model_parameters"] > 0
+        assert row["epochs_completed"] == info["epochs_completed"] == len(rows) == EPOCHS
+        assert row["best_epoch"] == info["best_epoch"] == best_epoch
+        assert row["best_loss"] == info["best_loss"] == min(losses)
+        assert row["final_loss"] == losses[-1]
+        for column in ("map", "map50", "map75"):
+            assert row[column] == _float(best_row[column]), column
+        for key in ("train_images_per_sec", "infer_ms_per_image", "fps", "total_time_sec",
+                    "device", "node", "node_id", "best_model_path", "final_model_path",
+                    "final_complete_path"):
+            assert row[key] == info[key], key
+        assert json.loads(row["resources"]) == info["resources"] == {"cpu": 1.0, "gpu": 0.0}
+        # final_summary.json says the same as the tables.
+        assert {k: from_json[k] for k in SUMMARY_COLUMNS if k != "resources"} == {
+            k: row[k] for k in SUMMARY_COLUMNS if k != "resources"}
+        assert from_json["resources"] == info["resources"]
+    assert [r["trial"] for r in summary["results"]] == BACKBONES
+
+
+def test_training_curves_png_is_the_figure_asked_for(finished_run):
+    from PIL import Image
+
+    _, run_dir = finished_run
+    with Image.open(run_dir / "training_curves.png") as image:
+        assert image.format == "PNG"
+        # figsize 12 x 4.5 inches at 100 dpi.
+        assert image.size == (1200, 450)
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    colours = {tuple(p) for p in np.unique(pixels, axis=0)}
+    # One line per trial, in matplotlib's first colours (C0, C1), and no third.
+    assert (31, 119, 180) in colours and (255, 127, 14) in colours
+    assert (44, 160, 44) not in colours
+
+
+def test_run_config_round_trips_to_the_flags(finished_run):
+    from crossdet_ray.cli import build_parser, config_from_args
+    from crossdet_ray.tune.launcher import LaunchConfig
+
+    argv, run_dir = finished_run
+    saved = json.loads((run_dir / "run_config.json").read_text())
+    from_flags = config_from_args(build_parser().parse_args(argv))
+    assert LaunchConfig.from_dict(saved) == from_flags
+    assert saved["trials"] == [{"name": b, "backbone": b, "lr": LR} for b in BACKBONES]
