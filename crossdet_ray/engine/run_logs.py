@@ -203,6 +203,8 @@ class SeedLogWriter:
         entry = self.recovered_entry
         if entry and int(entry["epoch"]) == start_epoch - 1 and not any(
                 int(r["epoch"]) == start_epoch - 1 for r in self.epoch_rows):
+            # The batch rows may have landed before the process died: replace, never repeat.
+            self.batch_rows = [r for r in self.batch_rows if int(r["epoch"]) != entry["epoch"]]
             self.epoch_rows.append(entry["epoch_row"])
             self.batch_rows.extend(entry["batch_rows"])
         previous = self._read_previous_info()
@@ -361,8 +363,9 @@ class SeedLogWriter:
             return {}
 
     def _write_csvs(self) -> None:
-        self.storage.write_text(EPOCH_LOG, _csv_text(EPOCH_COLUMNS, self.epoch_rows))
+        # Batch rows first: an epoch row (the "safe" mark) never stands without its batches.
         self.storage.write_text(BATCH_LOG, _csv_text(BATCH_COLUMNS, self.batch_rows))
+        self.storage.write_text(EPOCH_LOG, _csv_text(EPOCH_COLUMNS, self.epoch_rows))
 
     def _write_info(self) -> None:
         self.storage.write_text(INFO_FILE, dumps_json(self.info))
@@ -386,8 +389,8 @@ def restore_announced_epoch(storage: RunStorage, announced: dict[str, Any]) -> b
     epoch = int(entry["epoch"])
     epoch_rows = [r for r in _read_csv(storage, EPOCH_LOG) if int(r["epoch"]) < epoch]
     batch_rows = [r for r in _read_csv(storage, BATCH_LOG) if int(r["epoch"]) < epoch]
-    storage.write_text(EPOCH_LOG, _csv_text(EPOCH_COLUMNS, epoch_rows + [entry["epoch_row"]]))
     storage.write_text(BATCH_LOG, _csv_text(BATCH_COLUMNS, batch_rows + entry["batch_rows"]))
+    storage.write_text(EPOCH_LOG, _csv_text(EPOCH_COLUMNS, epoch_rows + [entry["epoch_row"]]))
     try:
         info = json.loads(storage.read_text(INFO_FILE))
     except (OSError, ValueError):

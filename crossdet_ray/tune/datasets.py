@@ -6,6 +6,7 @@ worker) makes the same bytes itself instead of copying them from the driver.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from crossdet_ray.synthetic import generate_dataset
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path(os.environ.get("CROSSDET_CACHE", Path.home() / ".cache" / "crossdet_ray"))
 
@@ -41,6 +44,8 @@ def ensure_dataset(spec: dict[str, Any], cache: Path = DEFAULT_CACHE) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Generate beside the target and rename: trials starting together on one node never
     # see (or make) a half-written dataset.
+    logger.info("generating the built-in synthetic dataset once, into %s (later runs reuse it)",
+                target)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     size = spec.get("frame_size")
     generate_dataset(staging, spec["num_images"], seed=spec["seed"],

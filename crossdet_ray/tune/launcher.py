@@ -148,9 +148,16 @@ def connect_ray(config: LaunchConfig) -> str | None:
         raise LaunchError(f"cannot start or reach {where}: {error}; check --address / "
                           "RAY_ADDRESS (or unset it for a local run)") from error
     url = getattr(context, "dashboard_url", None)
-    if url and not url.startswith("http"):
-        url = f"http://{url}"
-    return url or None
+    if not url:
+        return None
+    url = url.removeprefix("http://")
+    if not address and config.dashboard_host not in ("0.0.0.0", "::"):
+        # Ray publishes the node's IP for any host but localhost; the dashboard listens only
+        # on the host given, so that is the address that answers.
+        port = url.rsplit(":", 1)[-1]
+        host = f"[{config.dashboard_host}]" if ":" in config.dashboard_host else config.dashboard_host
+        url = f"{host}:{port}"
+    return f"http://{url}"
 
 
 def cluster_shape() -> ClusterShape:

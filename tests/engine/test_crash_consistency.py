@@ -228,3 +228,30 @@ def test_final_files_hold_copies_not_the_live_tensors(tmp_path):
     final = torch.load(tmp_path / "checkpoints" / "mit_b0_final.pth", map_location=None,
                        weights_only=True)
     assert torch.equal(final["w"], live["model_state_dict"]["w"])
+
+
+def test_a_kill_between_the_two_csv_writes_loses_no_batch_row_and_repeats_none(tmp_path):
+    """Batch rows are written before the epoch row that marks them safe."""
+    storage = RunStorage.from_uri(str(tmp_path))
+    entries = {}
+    writer = _start(storage)
+    _train_epoch(writer, 1)
+    writer.wait_for_checkpoints()
+
+    def die_before_the_epoch_row(relative, text, original=storage.write_text):
+        if relative.endswith("epoch_metrics.csv") and "\n2," in text:
+            raise Crash("killed between batch_metrics.csv and epoch_metrics.csv")
+        original(relative, text)
+
+    storage.write_text = die_before_the_epoch_row
+    _train_epoch(writer, 2, report=lambda path, entry: entries.setdefault(2, entry))
+    with pytest.raises(Crash):
+        writer.wait_for_checkpoints()
+    del storage.write_text
+    assert _epochs(tmp_path / "logs" / "epoch_metrics.csv") == [1]
+    assert _batches(tmp_path / "logs" / "batch_metrics.csv")[-2:] == [(2, 1), (2, 2)]
+
+    resume = find_resume_point(storage, {"epoch": 2, "log": entries[2]})
+    _start(storage, start_epoch=3, recovered=resume.log_entry)
+    assert _epochs(tmp_path / "logs" / "epoch_metrics.csv") == [1, 2]
+    assert _batches(tmp_path / "logs" / "batch_metrics.csv") == [(1, 1), (1, 2), (2, 1), (2, 2)]

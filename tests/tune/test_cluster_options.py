@@ -62,10 +62,6 @@ def test_the_dashboard_binds_to_the_host_given_and_says_where(tiny_dataset, tmp_
     assert host == "127.0.0.1"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Ray reports any dashboard host but localhost as the node's IP (dashboard/head.py), and "
-    "the command logs that URL, where nothing listens; launcher.connect_ray should log the "
-    "host it was given"))
 def test_another_dashboard_host_is_logged_as_given(tiny_dataset, tmp_path):
     # 127.0.0.2: another interface that only this machine reaches (0.0.0.0 would expose it).
     host, _ = _dashboard_run(tiny_dataset, tmp_path, "127.0.0.2")
