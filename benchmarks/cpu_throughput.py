@@ -21,7 +21,7 @@ import torch
 from tabulate import tabulate
 
 from common import write_results
-from crossdet_ray.config import TrainConfig
+from crossdet_ray.config import BACKBONES, TrainConfig
 from crossdet_ray.engine.train import build_optimizer, compile_encoder
 from crossdet_ray.models import build_detector
 
@@ -89,8 +89,7 @@ def max_relative_difference(a: dict, b: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--backbones", nargs="+", default=["mit_b0", "mit_b1", "mit_b2",
-                                                           "mit_b4", "mit_b5"])
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--profile", action="store_true",
                         help="also print where one step's CPU time goes, per variant")

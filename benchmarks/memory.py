@@ -20,6 +20,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from crossdet_ray.backbones import BACKBONE_NAMES
+
 
 def measure(backbone: str, min_size: int, max_size: int, batch: int) -> dict:
     import torch
@@ -64,8 +66,7 @@ def measure(backbone: str, min_size: int, max_size: int, batch: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--backbones", nargs="+",
-                        default=["mit_b0", "mit_b1", "mit_b2", "mit_b4", "mit_b5"])
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONE_NAMES))
     parser.add_argument("--min-size", type=int, default=320)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--project-to", type=int, nargs="+", default=[800])

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from crossdet_ray.backbones import BACKBONE_REGISTRY
 from crossdet_ray.config import BACKBONES, TrainConfig
 
 EXIT_USER_ERROR = 2
@@ -43,12 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--pretrained", default=None,
                       help="local SegFormer MiT ImageNet weights, loaded into both streams")
     seed.add_argument("--seed", type=int, default=defaults.seed, help="weights/shuffle seed")
+    checkpointed = [name for name, spec in BACKBONE_REGISTRY.items() if spec.checkpoint_on_cuda]
     speed = parser.add_argument_group("speed and memory")
     speed.add_argument("--amp", choices=("auto", "bf16", "off"), default=defaults.amp,
                        help="bf16 autocast: auto = on CUDA only")
     speed.add_argument("--activation-checkpointing", choices=("auto", "on", "off"),
                        default=defaults.activation_checkpointing,
-                       help="recompute encoder blocks in backward: auto = mit_b4/b5 on CUDA")
+                       help="recompute encoder blocks in backward: auto = "
+                            f"{', '.join(checkpointed)} on CUDA")
     speed.add_argument("--channels-last", choices=("auto", "on", "off"),
                        default=defaults.channels_last,
                        help="NHWC memory format for the convolutions: auto = on CUDA only")

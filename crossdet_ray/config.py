@@ -10,7 +10,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-BACKBONES: tuple[str, ...] = ("mit_b0", "mit_b1", "mit_b2", "mit_b4", "mit_b5")
+from crossdet_ray.backbones import BACKBONE_NAMES
+
+BACKBONES: tuple[str, ...] = BACKBONE_NAMES  # the registry's order, smallest first
 
 
 @dataclass
@@ -37,7 +39,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" = CUDA when visible, else CPU
     # Speed and memory switches; "auto" turns each on only where it pays and is safe.
     amp: str = "auto"  # "auto" = bf16 autocast on CUDA, fp32 on CPU; "bf16"; "off"
-    activation_checkpointing: str = "auto"  # "auto" = on for mit_b4/mit_b5 on CUDA; "on"; "off"
+    activation_checkpointing: str = "auto"  # "auto": the registry's choice on CUDA; "on"; "off"
     channels_last: str = "auto"  # NHWC convolutions: "auto" = on CUDA (tensor cores); "on"; "off"
     compile: bool = False  # torch.compile the encoder on CUDA (ignored on the CPU)
     evaluate_every_epoch: bool = True

@@ -19,6 +19,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch.utils.data import DataLoader
 
+from crossdet_ray.backbones import get_backbone
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.data import NpyYoloDataset, collate_detection
 from crossdet_ray.engine.checkpoint import build_checkpoint, validate_checkpoint
@@ -170,9 +171,6 @@ def build_datasets(config: TrainConfig, data_dir: str):
     return train_set, test_set
 
 
-LARGE_BACKBONES = ("mit_b4", "mit_b5")
-
-
 def use_amp(config: TrainConfig, device: torch.device) -> bool:
     if config.amp not in ("auto", "bf16", "off"):
         raise ValueError(f"amp must be auto, bf16 or off, not {config.amp!r}")
@@ -184,7 +182,7 @@ def use_activation_checkpointing(config: TrainConfig, backbone: str, device: tor
         raise ValueError("activation_checkpointing must be auto, on or off, "
                          f"not {config.activation_checkpointing!r}")
     if config.activation_checkpointing == "auto":
-        return device.type == "cuda" and backbone in LARGE_BACKBONES
+        return device.type == "cuda" and get_backbone(backbone).checkpoint_on_cuda
     return config.activation_checkpointing == "on"
 
 

@@ -1,48 +1,29 @@
-"""The dual-stream MiT encoder of CrossAttentionDet, and the table of its five variants.
+"""The dual-stream MiT encoder of CrossAttentionDet, built from the backbone registry.
 
 Two MiT streams that share no weights (RGB: 3 channels; X: thermal + event), rectified (FRM)
 and fused (FFM) after each of four stages. Attribute names are SegFormer's for the RGB stream
-and `extra_*` for the X stream, as in CMX, so pretrained MiT weights load by name.
+and `extra_*` for the X stream, as in CMX, so pretrained MiT weights load by name. The five
+variants' depths, widths, heads and reduction ratios live in crossdet_ray/backbones.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from crossdet_ray.backbones import BACKBONE_NAMES, BACKBONE_REGISTRY, BackboneSpec, get_backbone
 from crossdet_ray.models.fusion import FFM, FRM
 from crossdet_ray.models.mit import Block, OverlapPatchEmbed, tokens_to_map
 
-NUM_HEADS = (1, 2, 5, 8)
-SR_RATIOS = (8, 4, 2, 1)
 MLP_RATIO = 4.0
 DROP_PATH_RATE = 0.1
 
-
-@dataclass(frozen=True)
-class MitVariant:
-    depths: tuple[int, int, int, int]
-    embed_dims: tuple[int, int, int, int]
-
-
-MIT_VARIANTS: dict[str, MitVariant] = {
-    "mit_b0": MitVariant(depths=(2, 2, 2, 2), embed_dims=(32, 64, 160, 256)),
-    "mit_b1": MitVariant(depths=(2, 2, 2, 2), embed_dims=(64, 128, 320, 512)),
-    "mit_b2": MitVariant(depths=(3, 4, 6, 3), embed_dims=(64, 128, 320, 512)),
-    "mit_b4": MitVariant(depths=(3, 8, 27, 3), embed_dims=(64, 128, 320, 512)),
-    "mit_b5": MitVariant(depths=(3, 6, 40, 3), embed_dims=(64, 128, 320, 512)),
-}
-BACKBONE_NAMES: tuple[str, ...] = tuple(MIT_VARIANTS)
-
-
-def get_variant(name: str) -> MitVariant:
-    if name not in MIT_VARIANTS:
-        raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONE_NAMES)}")
-    return MIT_VARIANTS[name]
+# This module's names from before the registry, for the code and tests that import them.
+MIT_VARIANTS = BACKBONE_REGISTRY
+__all__ = ["BACKBONE_NAMES", "MIT_VARIANTS", "DualStreamMiT", "get_encoder"]
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -65,7 +46,7 @@ def _init_weights(module: nn.Module) -> None:
 class DualStreamMiT(nn.Module):
     """Two MiT streams (RGB, X) that meet after every stage: FRM rectifies, FFM fuses."""
 
-    def __init__(self, variant: MitVariant, in_chans_rgb: int = 3, in_chans_x: int = 2,
+    def __init__(self, variant: BackboneSpec, in_chans_rgb: int = 3, in_chans_x: int = 2,
                  fused_attention: bool = True):
         super().__init__()
         self.in_chans_rgb, self.in_chans_x = in_chans_rgb, in_chans_x
@@ -79,18 +60,19 @@ class DualStreamMiT(nn.Module):
             previous_rgb = in_chans_rgb if stage == 1 else variant.embed_dims[stage - 2]
             previous_x = in_chans_x if stage == 1 else variant.embed_dims[stage - 2]
             patch, stride = (7, 4) if stage == 1 else (3, 2)
+            heads, reduction = variant.num_heads[stage - 1], variant.sr_ratios[stage - 1]
             for prefix, in_chans in (("", previous_rgb), ("extra_", previous_x)):
                 setattr(self, f"{prefix}patch_embed{stage}",
                         OverlapPatchEmbed(in_chans, dim, patch, stride))
                 setattr(self, f"{prefix}block{stage}", nn.ModuleList(
-                    Block(dim, NUM_HEADS[stage - 1], MLP_RATIO, SR_RATIOS[stage - 1],
-                          rates[first + i], fused_attention=fused_attention)
+                    Block(dim, heads, MLP_RATIO, reduction, rates[first + i],
+                          fused_attention=fused_attention)
                     for i in range(depth)))
                 setattr(self, f"{prefix}norm{stage}", nn.LayerNorm(dim, eps=1e-6))
             first += depth
         self.FRMs = nn.ModuleList(FRM(dim) for dim in variant.embed_dims)
         self.FFMs = nn.ModuleList(FFM(dim, heads) for dim, heads in
-                                  zip(variant.embed_dims, NUM_HEADS))
+                                  zip(variant.embed_dims, variant.num_heads))
         self.apply(_init_weights)
 
     def _stream_stage(self, prefix: str, stage: int, x: torch.Tensor) -> torch.Tensor:
@@ -128,4 +110,4 @@ class DualStreamMiT(nn.Module):
 def get_encoder(name: str, in_chans_rgb: int = 3, in_chans_x: int = 2,
                 fused_attention: bool = True) -> DualStreamMiT:
     """The dual-stream encoder of a named variant; unknown names raise ValueError."""
-    return DualStreamMiT(get_variant(name), in_chans_rgb, in_chans_x, fused_attention)
+    return DualStreamMiT(get_backbone(name), in_chans_rgb, in_chans_x, fused_attention)

@@ -21,13 +21,13 @@ import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from crossdet_ray.backbones import BACKBONE_NAMES, relative_cost
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.data import check_dataset
 from crossdet_ray.engine.run_logs import dumps_json, restore_announced_epoch
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.tune.datasets import ensure_dataset, folder_spec, synthetic_spec
 from crossdet_ray.tune.resources import (
-    GPU_MEMORY_NEED_GB,
     ClusterShape,
     TrialResources,
     check_feasible,
@@ -117,12 +117,13 @@ def trial_specs(backbones: list[str], lr: float, lr_grid: list[float]) -> list[T
 
 
 def start_order(specs: list[TrialSpec]) -> list[TrialSpec]:
-    """Largest backbone first (the summary keeps the user's order).
+    """Costliest backbone first, by the registry's relative training cost (the summary keeps
+    the user's order).
 
     Tune starts trials in grid order, so the longest trial starts first and the run ends when
     it does; when trials queue for GPUs, longest-first also packs them tightest.
     """
-    return sorted(specs, key=lambda s: GPU_MEMORY_NEED_GB.get(s.backbone, 0.0), reverse=True)
+    return sorted(specs, key=lambda s: relative_cost(s.backbone), reverse=True)
 
 
 def default_run_name() -> str:
@@ -184,8 +185,6 @@ TRAINABLE = tune.with_resources(train_backbone, resources=_trial_bundle)
 
 # -- validation --------------------------------------------------------------------------------
 def validate(config: LaunchConfig) -> None:
-    from crossdet_ray.models import BACKBONE_NAMES
-
     train = config.train
     unknown = [b for b in train.backbones if b not in BACKBONE_NAMES]
     if unknown:

@@ -12,18 +12,14 @@ import math
 import re
 from dataclasses import dataclass
 
+from crossdet_ray.backbones import BACKBONE_REGISTRY
+
 logger = logging.getLogger(__name__)
 
-# Peak training memory per backbone at batch 2, 800x1333 input, fp32, in GiB: weights, grads
-# and momentum plus activations measured at min_size 320 and scaled by the pixel count
-# (benchmarks/memory.py; docs/scale.md). Used only to pack trials with `--gpus-per-trial auto`.
+# Peak training memory per backbone at batch 2, 800x1333, fp32 (the registry's projection from
+# benchmarks/memory.py; docs/scale.md). Used only to pack trials with `--gpus-per-trial auto`.
 GPU_MEMORY_NEED_GB: dict[str, float] = {
-    "mit_b0": 10.2,
-    "mit_b1": 14.0,
-    "mit_b2": 18.4,
-    "mit_b4": 30.4,
-    "mit_b5": 35.0,
-}
+    name: spec.train_memory_gb for name, spec in BACKBONE_REGISTRY.items()}
 DEFAULT_GPU_MEMORY_GB = 80.0  # an A100/H100 80 GB, what the reference was run on
 # A node's custom resource that states its GPUs' memory, e.g. {"gpu_memory_24gb": 1} in
 # cluster.yaml: the head that plans the trials often has no GPU to ask.
@@ -91,10 +87,10 @@ def parse_gpus_per_trial(text: str, backbones: list[str]) -> GpuRequest:
             default = _parse_share(value.strip(), flag)
         else:
             per_backbone[name] = _parse_share(value.strip(), flag)
-    unknown = sorted(set(per_backbone) - set(GPU_MEMORY_NEED_GB))
+    unknown = sorted(set(per_backbone) - set(BACKBONE_REGISTRY))
     if unknown:
         raise ResourceError(f"{flag}: unknown backbone {', '.join(unknown)}; "
-                            f"known: {', '.join(GPU_MEMORY_NEED_GB)}")
+                            f"known: {', '.join(BACKBONE_REGISTRY)}")
     missing = [b for b in backbones if b not in per_backbone and default is None]
     if missing:
         raise ResourceError(f"{flag}: no share for {', '.join(missing)}; add default=SHARE")
