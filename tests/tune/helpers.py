@@ -213,3 +213,16 @@ def run(args: tuple[str, ...] | list[str], output_dir: Path, label: str,
     finally:
         running.kill()
     return running
+
+
+def signal_once_logged(driver: "Command", logged: Callable[[], int], epochs: int,
+                       signum: int = signal.SIGINT, timeout: float = 240) -> None:
+    """Send `signum` to the driver once `logged()` epochs reach `epochs`; fail if it ends first.
+
+    The log row is the trigger: it promises its epoch is safe, so no later wait is needed.
+    """
+    import pytest
+
+    if not poll_until(lambda: logged() >= epochs, timeout=timeout, process=driver.process):
+        pytest.fail(f"the run ended before epoch {epochs} was logged: {driver.stderr[-3000:]}")
+    os.kill(driver.pid, signum)

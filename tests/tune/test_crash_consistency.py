@@ -25,9 +25,9 @@ from .helpers import (
     epoch_rows,
     kill_session,
     logged_epochs,
-    poll_until,
     run,
     session_processes,
+    signal_once_logged,
     small_run,
     start,
     training_info,
@@ -52,10 +52,8 @@ def test_a_killed_driver_resumes_right_after_its_last_logged_epoch(tiny_dataset,
     trial = run_dir / TRIAL
     driver = start(small_run(tiny_dataset, tmp_path / "logs", "killed", 4), tmp_path, "first")
     try:
-        if not poll_until(lambda: len(logged_epochs(trial)) >= 1, timeout=240,
-                          process=driver.process):
-            pytest.fail(f"the run ended before its first epoch was logged: {driver.stderr[-3000:]}")
-        os.kill(driver.pid, signal.SIGKILL)  # the driver only: what a lost head process does
+        # The driver only: what a lost head process does.
+        signal_once_logged(driver, lambda: len(logged_epochs(trial)), 1, signal.SIGKILL)
         assert driver.process.wait(timeout=60) == -signal.SIGKILL
         # Its Ray (raylet, workers, agents) goes down with it or is killed here; the trial
         # cannot log past this point.
@@ -173,10 +171,7 @@ def interrupted_run(tiny_dataset, tmp_path_factory):
     trial = run_dir / TRIAL
     driver = start(small_run(tiny_dataset, root / "logs", "damaged", 4), root, "first")
     try:
-        if not poll_until(lambda: len(logged_epochs(trial)) >= 2, timeout=240,
-                          process=driver.process):
-            pytest.fail(f"the run ended before epoch 2 was logged: {driver.stderr[-3000:]}")
-        driver.process.send_signal(signal.SIGINT)
+        signal_once_logged(driver, lambda: len(logged_epochs(trial)), 2)
         assert driver.wait(timeout=180) == 130, driver.stderr[-3000:]
     finally:
         driver.kill()

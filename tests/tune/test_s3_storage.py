@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import signal
 import socket
 
 import pytest
 
-from .helpers import poll_until, run, start
+from .helpers import run, signal_once_logged, start
 
 pytestmark = pytest.mark.ray
 BUCKET = "crossdet-runs"
@@ -69,10 +68,7 @@ def test_run_and_resume_with_the_run_directory_in_s3(s3_server, tiny_dataset, tm
     driver = start(args, tmp_path, "first")
     try:
         # The trigger is the log row itself: a row promises its epoch is safe.
-        if not poll_until(lambda: len(logged_epochs()) >= 1, timeout=240, interval=0.2,
-                          process=driver.process):
-            pytest.fail(f"the run ended early: {driver.stderr[-3000:]}")
-        driver.process.send_signal(signal.SIGINT)
+        signal_once_logged(driver, lambda: len(logged_epochs()), 1)
         assert driver.wait(timeout=180) == 130, driver.stderr[-3000:]
     finally:
         driver.kill()
