@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     ray_group.add_argument("--gpus-per-trial", default="auto",
                            help="GPUs per trial: a number (0.2 puts five on one GPU), per "
                                 "backbone (mit_b4=1,mit_b5=1,default=0.5), or auto")
+    ray_group.add_argument("--workers-per-trial", default="auto",
+                           help="data-parallel workers per trial (Ray Train; one whole GPU "
+                                "each, or a share of the trial's CPUs): a number, per backbone "
+                                "(mit_b5=4,default=1), or auto = the trial's whole GPUs, 1 on "
+                                "a GPU share or none. --batch-size stays the global batch")
     ray_group.add_argument("--cpus-per-trial", type=float, default=None,
                            help="CPUs per trial (default: the cluster's CPUs shared out)")
     ray_group.add_argument("--address", default=None,
@@ -109,6 +114,7 @@ def config_from_args(args: argparse.Namespace):
     )
     return LaunchConfig(
         train=train, name=args.name, gpus_per_trial=args.gpus_per_trial,
+        workers_per_trial=args.workers_per_trial,
         cpus_per_trial=args.cpus_per_trial, address=args.address, resume=args.resume,
         max_failures=args.max_failures, lr_grid=list(args.lr_grid), scheduler=args.scheduler,
         keep_checkpoints=args.keep_checkpoints, dashboard=not args.no_dashboard,

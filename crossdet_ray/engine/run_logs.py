@@ -113,6 +113,7 @@ class ResumePoint:
     # The resumed epoch's rows, when the process died between announcing it and logging it.
     log_entry: dict[str, Any] | None = None
     unreadable: list[str] = field(default_factory=list)  # damaged files passed over
+    relative: str | None = None  # `path` within the trial's storage, for other processes
 
     @property
     def epoch(self) -> int:
@@ -146,7 +147,7 @@ def find_resume_point(storage: RunStorage, announced: dict[str, Any] | None = No
         entry = None
         if epoch not in logged and announced and announced_epoch == epoch:
             entry = announced.get("log")
-        return ResumePoint(checkpoint, storage.uri(relative), entry, unreadable)
+        return ResumePoint(checkpoint, storage.uri(relative), entry, unreadable, relative)
     if unreadable:
         raise CheckpointError(
             f"no epoch checkpoint of {storage.uri()} can be read ({', '.join(unreadable)}); "

@@ -17,13 +17,14 @@ from datetime import datetime
 from typing import Any, Callable, Protocol
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from crossdet_ray.backbones import get_backbone
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.data import NpyYoloDataset, collate_detection
 from crossdet_ray.engine.checkpoint import build_checkpoint, validate_checkpoint
 from crossdet_ray.engine.evaluate import evaluate_coco, measure_inference
+from crossdet_ray.engine.parallel import WorkerGroup, single_process
 from crossdet_ray.models import build_detector, count_parameters
 
 logger = logging.getLogger(__name__)
@@ -119,9 +120,12 @@ class TrainingListener(Protocol):
     def should_stop(self) -> bool: ...
 
 
-def _check_stop(listener, where: str) -> None:
+def _check_stop(listener, where: str, group: WorkerGroup | None = None) -> None:
     should_stop = getattr(listener, "should_stop", None)
-    if should_stop is not None and should_stop():
+    stop = should_stop is not None and bool(should_stop())
+    if group is not None and group.world_size > 1:
+        stop = group.any(stop)  # only rank 0 is asked; every worker stops at the same batch
+    if stop:
         raise TrainingStopped(f"training stopped {where} on request")
 
 
@@ -245,20 +249,29 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module, fused: bool = T
 
 
 def train_one_epoch(model, optimizer, loader, device, epoch: int, listener,
-                    amp: bool = False) -> dict[str, float]:
-    """One pass over the loader; returns the epoch's loss sums and image count."""
+                    amp: bool = False, group: WorkerGroup | None = None) -> dict[str, float]:
+    """One pass over the loader; returns the epoch's loss sums and image count.
+
+    With several data-parallel workers (`group`), the losses logged are the mean of the
+    workers' losses (the loss whose gradient DDP's averaged step follows) and the images are
+    the global batch's; every worker sees the same numbers.
+    """
+    group = group or single_process()
     model.train()
     sums = dict.fromkeys(("loss",) + LOSS_COMPONENTS, 0.0)
     batches = images_seen = 0
     for batch_index, (images, targets) in enumerate(loader, start=1):
-        _check_stop(listener, f"in epoch {epoch}, before batch {batch_index}")
+        _check_stop(listener, f"in epoch {epoch}, before batch {batch_index}", group)
         batch_start = time.perf_counter()
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
-        loss_value = float(loss.detach())
+        # One collective for the logged numbers: the workers' mean losses and all images.
+        local = [float(loss.detach())] + [float(loss_dict[n].detach()) for n in LOSS_COMPONENTS]
+        *totals, batch_images = group.sum(local + [float(len(images))])
+        loss_value, *component_values = (total / group.world_size for total in totals)
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
                 f"the loss became {loss_value} at epoch {epoch}, batch {batch_index}: training "
@@ -268,12 +281,12 @@ def train_one_epoch(model, optimizer, loader, device, epoch: int, listener,
         loss.backward()
         optimizer.step()
 
-        components = {name: float(loss_dict[name].detach()) for name in LOSS_COMPONENTS}
+        components = dict(zip(LOSS_COMPONENTS, component_values))
         sums["loss"] += loss_value
         for name, value in components.items():
             sums[name] += value
         batches += 1
-        images_seen += len(images)
+        images_seen += int(batch_images)
         listener.on_batch_end(BatchMetrics(
             epoch=epoch, batch=batch_index, loss=loss_value, timestamp=_now(),
             batch_time_sec=time.perf_counter() - batch_start, **components))
@@ -287,8 +300,16 @@ def fit(
     listener: TrainingListener | None = None,
     resume_from: dict[str, Any] | None = None,
     device: torch.device | None = None,
+    group: WorkerGroup | None = None,
 ) -> TrainingSummary:
-    """Train `backbone` for `config.epochs` epochs, resuming after `resume_from` when given."""
+    """Train `backbone` for `config.epochs` epochs, resuming after `resume_from` when given.
+
+    `group`: this process is one of several data-parallel workers (see engine/parallel.py).
+    Every worker resumes from the same checkpoint and trains on its share of each global
+    batch; only the main worker evaluates and tells `listener` anything beyond batch ends
+    (the others should pass a NullListener).
+    """
+    group = group or single_process()
     listener = listener or NullListener()
     device = device or select_device(config.device)
     run_start, run_started_at = time.perf_counter(), time.time()
@@ -318,6 +339,8 @@ def fit(
             # A checkpoint from before elapsed_sec (or the reference's): its epochs' own times.
             history["elapsed_sec"] = list(itertools.accumulate(history["epoch_times"]))
         logger.info("%s: resuming at epoch %d of %d", backbone, start_epoch, config.epochs)
+    # Wrapped after the resume load: DDP starts every worker from rank 0's weights.
+    train_model = group.prepare_model(model)
 
     elapsed_before = history["elapsed_sec"][-1] if history["elapsed_sec"] else 0.0
     num_parameters = count_parameters(model)
@@ -331,10 +354,10 @@ def fit(
     })
 
     generator = torch.Generator()
-    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True,
-                              num_workers=config.num_workers, collate_fn=collate_detection,
-                              generator=generator, pin_memory=device.type == "cuda",
-                              persistent_workers=False)
+    train_loader = group.prepare_loader(DataLoader(
+        train_set, batch_size=group.per_worker_batch(config.batch_size), shuffle=True,
+        num_workers=config.num_workers, collate_fn=collate_detection, generator=generator,
+        pin_memory=device.type == "cuda", persistent_workers=False))
     test_loader = DataLoader(test_set, batch_size=config.batch_size, shuffle=False,
                              num_workers=config.num_workers, collate_fn=collate_detection)
 
@@ -342,18 +365,25 @@ def fit(
     for epoch in range(start_epoch, config.epochs + 1):
         torch.manual_seed(_epoch_seed(config, epoch))
         generator.manual_seed(_epoch_seed(config, epoch))
+        if isinstance(train_loader.sampler, DistributedSampler):
+            # Its shuffle is seeded by (its seed + epoch): a new order each epoch, the same
+            # on every worker, and the same again on resume.
+            train_loader.sampler.set_epoch(_epoch_seed(config, epoch))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         learning_rate = optimizer.param_groups[0]["lr"]
         epoch_start = time.perf_counter()
-        sums = train_one_epoch(model, optimizer, train_loader, device, epoch, listener, amp=amp)
+        sums = train_one_epoch(train_model, optimizer, train_loader, device, epoch, listener,
+                               amp=amp, group=group)
         epoch_time = time.perf_counter() - epoch_start
         scheduler.step()
 
-        _check_stop(listener, f"after epoch {epoch}'s last batch")
+        _check_stop(listener, f"after epoch {epoch}'s last batch", group)
         eval_start = time.perf_counter()
+        # The main worker evaluates the whole test split; the others go on to the next epoch
+        # and wait for it at the first gradient all-reduce.
         metrics = (evaluate_coco(model, test_loader, device, num_classes)
-                   if config.evaluate_every_epoch and len(test_set) else None)
+                   if group.is_main and config.evaluate_every_epoch and len(test_set) else None)
         eval_time = time.perf_counter() - eval_start
 
         batches = max(sums["batches"], 1)
@@ -380,6 +410,8 @@ def fit(
             peak_memory_mb=peak_memory_mb(device), best_epoch=best_epoch, best_loss=best_loss,
             timestamp=_now(),
         )
+        if not group.is_main:
+            continue
         checkpoint = build_checkpoint(
             epoch=epoch, backbone=backbone, model=model, optimizer=optimizer, scheduler=scheduler,
             loss=avg_loss, best_loss=best_loss, best_epoch=best_epoch, config=config.to_dict(),
@@ -389,6 +421,9 @@ def fit(
                     "n/a" if metrics is None else f"{metrics.map:.4f}")
         listener.on_epoch_end(epoch_metrics, checkpoint)
 
+    if not group.is_main:
+        return _worker_summary(backbone, num_classes, num_parameters, device, history,
+                               best_epoch, best_loss)
     if checkpoint is None:  # resumed after the last epoch: only the final files are missing
         checkpoint = build_checkpoint(
             epoch=start_epoch - 1, backbone=backbone, model=model, optimizer=optimizer,
@@ -415,3 +450,15 @@ def fit(
     )
     listener.on_train_end(summary, checkpoint)
     return summary
+
+
+def _worker_summary(backbone, num_classes, num_parameters, device, history, best_epoch,
+                    best_loss) -> TrainingSummary:
+    """What a non-main worker knows at the end: the shared losses, no evaluation or timing."""
+    losses = history["epoch_losses"]
+    return TrainingSummary(
+        backbone=backbone, num_classes=num_classes, num_parameters=num_parameters,
+        device=str(device), epochs_completed=len(losses), best_epoch=best_epoch,
+        best_loss=best_loss, final_loss=losses[-1] if losses else math.nan, map=None,
+        map50=None, map75=None, train_images_per_sec=0.0, infer_ms_per_image=math.nan,
+        fps=math.nan, total_time_sec=0.0, history=history)

@@ -32,7 +32,9 @@ from crossdet_ray.tune.resources import (
     TrialResources,
     check_feasible,
     cluster_gpu_memory_gb,
+    assign_workers,
     parse_gpus_per_trial,
+    parse_workers_per_trial,
     plan_resources,
 )
 from crossdet_ray.tune.failures import FailureRecorder
@@ -62,6 +64,7 @@ class LaunchConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     name: str | None = None
     gpus_per_trial: str = "auto"
+    workers_per_trial: str = "auto"
     cpus_per_trial: float | None = None
     address: str | None = None
     resume: str | None = None
@@ -171,6 +174,27 @@ def cluster_shape() -> ClusterShape:
                         gpu_memory_gb=cluster_gpu_memory_gb(alive, local_gpu_memory))
 
 
+def max_concurrent_trials(trials: list[TrialResources], shape: ClusterShape,
+                          autoscaling: bool = False) -> int | None:
+    """How many trials may run at once when some start Ray Train workers (None: no limit).
+
+    A data-parallel trial's own process holds a little CPU while its workers wait for theirs;
+    with too many such trials started, their processes can hold what their workers need and
+    all wait for ever (a known pitfall of Train inside Tune). So at most as many trials run as
+    fit whole (process and workers) in the cluster, in start order, and never fewer than one.
+    An autoscaling cluster grows to fit, so it is not limited.
+    """
+    if autoscaling or not any(t.data_parallel for t in trials):
+        return None
+    free_cpu, free_gpu, running = shape.total_cpus, shape.total_gpus, 0
+    for trial in trials:
+        cpu = trial.cpu  # the process's share and its workers'
+        if cpu > free_cpu + 1e-9 or trial.gpu > free_gpu + 1e-9:
+            break
+        free_cpu, free_gpu, running = free_cpu - cpu, free_gpu - trial.gpu, running + 1
+    return max(running, 1)
+
+
 def _trial_bundle(config: dict[str, Any]) -> tune.PlacementGroupFactory:
     share = TrialResources(**config["resources"][config["trial"]["backbone"]])
     return tune.PlacementGroupFactory([share.as_bundle()])
@@ -254,12 +278,14 @@ def launch(config: LaunchConfig) -> RunOutcome:
     # (overlapping the two would save at most its 1.6 s per 10,000 frames).
     data = resolve_data(config)
     request = parse_gpus_per_trial(config.gpus_per_trial, config.train.backbones)
+    workers_request = parse_workers_per_trial(config.workers_per_trial, config.train.backbones)
 
     dashboard_url = connect_ray(config)
     shape = cluster_shape()
     per_backbone = max(len(config.lr_grid), 1)
     plan = plan_resources(request, config.train.backbones, per_backbone, shape,
                           config.cpus_per_trial)
+    plan = assign_workers(plan, workers_request, config.train.batch_size)
     check_feasible(plan, shape, autoscaling=config.autoscaling)
 
     specs = trial_specs(config.train.backbones, config.train.lr, config.lr_grid)
@@ -298,7 +324,9 @@ def launch(config: LaunchConfig) -> RunOutcome:
         param_space=param_space,
         tune_config=tune.TuneConfig(
             scheduler=_scheduler(config), trial_dirname_creator=_trial_dirname,
-            trial_name_creator=_trial_dirname, reuse_actors=False),
+            trial_name_creator=_trial_dirname, reuse_actors=False,
+            max_concurrent_trials=max_concurrent_trials(
+                [plan[s.backbone] for s in start_order(specs)], shape, config.autoscaling)),
         run_config=tune.RunConfig(
             name=config.name, storage_path=root_storage.root,
             storage_filesystem=root_storage.filesystem, verbose=config.verbose,

@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ray import tune
 
@@ -55,11 +55,25 @@ def load_trial_checkpoint(checkpoint: tune.Checkpoint, trial_storage: RunStorage
     return trial_storage.load_torch(pointer["path"])
 
 
+def announce_to_tune(metrics: dict[str, Any], pointer: dict[str, Any]) -> None:
+    """`tune.report` the epoch's metrics with a Tune checkpoint holding only `pointer`."""
+    with tempfile.TemporaryDirectory() as pointer_dir:
+        with open(os.path.join(pointer_dir, POINTER_FILE), "w") as handle:
+            handle.write(dumps_json(pointer))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(pointer_dir))
+
+
+# Tells Tune of a committed epoch: (metrics, pointer). In a trial it is `announce_to_tune`; in
+# a data-parallel trial's main worker, a relay to the trial process (tune/data_parallel.py).
+Announce = Callable[[dict[str, Any], dict[str, Any]], None]
+
+
 class TrialReporter:
     """A `TrainingListener` that feeds Tune and writes the seed's files for one trial."""
 
-    def __init__(self, writer: SeedLogWriter):
+    def __init__(self, writer: SeedLogWriter, announce: Announce = announce_to_tune):
         self.writer = writer
+        self.announce = announce
         self._batch_seconds = 0.0  # time this reporter took inside the current epoch
         self.overhead_sec: list[float] = []  # per epoch: logging, checkpointing, tune.report
 
@@ -85,12 +99,9 @@ class TrialReporter:
         self._batch_seconds = 0.0
 
     def _report(self, metrics: EpochMetrics, checkpoint_path: str, entry: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory() as pointer_dir:
-            with open(os.path.join(pointer_dir, POINTER_FILE), "w") as handle:
-                handle.write(dumps_json({"epoch": metrics.epoch, "path": checkpoint_path,
-                                         "backbone": self.writer.backbone, "log": entry}))
-            tune.report(report_metrics(metrics),
-                        checkpoint=tune.Checkpoint.from_directory(pointer_dir))
+        self.announce(report_metrics(metrics),
+                      {"epoch": metrics.epoch, "path": checkpoint_path,
+                       "backbone": self.writer.backbone, "log": entry})
 
     def on_train_end(self, summary: TrainingSummary, checkpoint: dict[str, Any]) -> None:
         self.writer.on_train_end(summary, checkpoint)

@@ -30,15 +30,42 @@ class ResourceError(ValueError):
     """A resource request that is malformed or that the cluster can never satisfy."""
 
 
+# A data-parallel trial's own process only launches and relays: its workers do the training.
+DATA_PARALLEL_DRIVER_CPU = 0.1
+
+
 @dataclass(frozen=True)
 class TrialResources:
+    """One trial's share: `cpu` and `gpu` in all, over `workers` data-parallel processes."""
+
     cpu: float
     gpu: float
+    workers: int = 1
+
+    @property
+    def data_parallel(self) -> bool:
+        return self.workers > 1
 
     def as_bundle(self) -> dict[str, float]:
+        """What the trial's own process holds (a data-parallel trial's workers hold the rest)."""
+        if self.data_parallel:
+            return {"CPU": DATA_PARALLEL_DRIVER_CPU}
         bundle = {"CPU": self.cpu}
         if self.gpu:
             bundle["GPU"] = self.gpu
+        return bundle
+
+    @property
+    def worker_cpu(self) -> float:
+        if not self.data_parallel:
+            return self.cpu
+        return _floor((self.cpu - DATA_PARALLEL_DRIVER_CPU) / self.workers)
+
+    def worker_bundle(self) -> dict[str, float]:
+        """Each data-parallel worker's: its CPUs and one whole GPU (none on a CPU trial)."""
+        bundle = {"CPU": self.worker_cpu}
+        if self.gpu:
+            bundle["GPU"] = 1.0
         return bundle
 
 
@@ -68,32 +95,53 @@ def _parse_share(text: str, flag: str) -> float:
     return value
 
 
+def _parse_workers(text: str, flag: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ResourceError(f"{flag}: '{text}' is not a whole number; pass e.g. 1, 2 or "
+                            "auto") from None
+    if value < 1:
+        raise ResourceError(f"{flag}: {text} must be at least 1")
+    return value
+
+
 def parse_gpus_per_trial(text: str, backbones: list[str]) -> GpuRequest:
-    flag = "--gpus-per-trial"
+    return _parse_request(text, backbones, "--gpus-per-trial", _parse_share,
+                          "mit_b4=1,mit_b5=1,default=0.5")
+
+
+def parse_workers_per_trial(text: str, backbones: list[str]) -> GpuRequest:
+    """`--workers-per-trial`: the same forms as `--gpus-per-trial`, in whole workers."""
+    return _parse_request(text, backbones, "--workers-per-trial", _parse_workers,
+                          "mit_b5=4,default=1")
+
+
+def _parse_request(text: str, backbones: list[str], flag: str, parse_value,
+                   example: str) -> GpuRequest:
     text = text.strip()
     if text == "auto":
         return GpuRequest(auto=True, per_backbone={}, default=None)
     if "=" not in text:
-        return GpuRequest(auto=False, per_backbone={}, default=_parse_share(text, flag))
+        return GpuRequest(auto=False, per_backbone={}, default=parse_value(text, flag))
     per_backbone: dict[str, float] = {}
     default = None
     for item in text.split(","):
         name, sep, value = item.partition("=")
         name = name.strip()
         if not sep or not name:
-            raise ResourceError(f"{flag}: '{item}' is not NAME=SHARE; pass e.g. "
-                                "mit_b4=1,mit_b5=1,default=0.5")
+            raise ResourceError(f"{flag}: '{item}' is not NAME=VALUE; pass e.g. {example}")
         if name == "default":
-            default = _parse_share(value.strip(), flag)
+            default = parse_value(value.strip(), flag)
         else:
-            per_backbone[name] = _parse_share(value.strip(), flag)
+            per_backbone[name] = parse_value(value.strip(), flag)
     unknown = sorted(set(per_backbone) - set(BACKBONE_REGISTRY))
     if unknown:
         raise ResourceError(f"{flag}: unknown backbone {', '.join(unknown)}; "
                             f"known: {', '.join(BACKBONE_REGISTRY)}")
     missing = [b for b in backbones if b not in per_backbone and default is None]
     if missing:
-        raise ResourceError(f"{flag}: no share for {', '.join(missing)}; add default=SHARE")
+        raise ResourceError(f"{flag}: no value for {', '.join(missing)}; add default=VALUE")
     return GpuRequest(auto=False, per_backbone=per_backbone, default=default)
 
 
@@ -168,6 +216,41 @@ def plan_resources(
     return plan
 
 
+def assign_workers(plan: dict[str, TrialResources], request: GpuRequest,
+                   batch_size: int) -> dict[str, TrialResources]:
+    """Each backbone's data-parallel workers (`--workers-per-trial`), checked against its GPUs
+    and the global batch: a worker trains on one whole GPU (NCCL cannot share a device between
+    ranks) and takes batch / workers images of each step."""
+    assigned = {}
+    for backbone, share in plan.items():
+        whole_gpus = int(share.gpu) if share.gpu >= 1 else 0
+        workers = (whole_gpus or 1) if request.auto else int(request.share_for(backbone))
+        if workers > 1 and 0 < share.gpu < 1:
+            raise ResourceError(
+                f"{backbone}: --workers-per-trial {workers} with --gpus-per-trial {share.gpu:g}: "
+                "data-parallel workers each need one whole GPU (NCCL cannot share a device "
+                f"between ranks); give {backbone} {workers} GPUs, or 1 worker")
+        if whole_gpus and workers != whole_gpus:
+            raise ResourceError(
+                f"{backbone}: --gpus-per-trial {whole_gpus} with --workers-per-trial {workers}: "
+                "each worker trains on one whole GPU, so a trial with "
+                f"{whole_gpus} GPUs needs {whole_gpus} workers; pass equal numbers, or leave "
+                "--workers-per-trial at auto")
+        if batch_size % workers:
+            raise ResourceError(
+                f"{backbone}: --batch-size {batch_size} is not divisible by --workers-per-trial "
+                f"{workers}: each worker takes an equal share of the global batch; pass a "
+                f"--batch-size that is a multiple of {workers}")
+        resources = TrialResources(cpu=share.cpu, gpu=share.gpu, workers=workers)
+        if resources.data_parallel and resources.worker_cpu < 0.1:
+            raise ResourceError(
+                f"{backbone}: {share.cpu:g} CPUs cannot be split over {workers} workers (and "
+                "the trial's own process); raise --cpus-per-trial to at least "
+                f"{DATA_PARALLEL_DRIVER_CPU + 0.1 * workers:g}")
+        assigned[backbone] = resources
+    return assigned
+
+
 def check_feasible(plan: dict[str, TrialResources], cluster: ClusterShape,
                    autoscaling: bool = False) -> None:
     """Fail now, with a message, for a trial no node of the cluster can ever hold.
@@ -178,6 +261,9 @@ def check_feasible(plan: dict[str, TrialResources], cluster: ClusterShape,
     if autoscaling:
         return
     for backbone, wanted in plan.items():
+        if wanted.data_parallel:
+            _check_workers_fit(backbone, wanted, cluster)
+            continue
         fits = any(node.get("CPU", 0) >= wanted.cpu - 1e-9 and node.get("GPU", 0) >= wanted.gpu - 1e-9
                    for node in cluster.nodes)
         if fits:
@@ -193,6 +279,21 @@ def check_feasible(plan: dict[str, TrialResources], cluster: ClusterShape,
             f"{backbone} asks for {wanted.gpu:g} GPU and {wanted.cpu:g} CPU per trial, but the "
             f"largest node has {largest_gpu:g} GPU and {largest_cpu:g} CPU; lower "
             "--gpus-per-trial / --cpus-per-trial")
+
+
+def _check_workers_fit(backbone: str, wanted: TrialResources, cluster: ClusterShape) -> None:
+    """A data-parallel trial's workers may spread over nodes; each needs one node to fit it."""
+    worker = wanted.worker_bundle()
+    slots = sum(min(int(node.get("CPU", 0) / worker["CPU"] + 1e-9),
+                    int(node.get("GPU", 0) / worker["GPU"] + 1e-9) if "GPU" in worker else 10**9)
+                for node in cluster.nodes)
+    if slots >= wanted.workers:
+        return
+    what = f"{worker['CPU']:g} CPU" + (" and 1 GPU" if "GPU" in worker else "")
+    raise ResourceError(
+        f"{backbone} asks for {wanted.workers} workers of {what} each, but the cluster holds "
+        f"only {slots} such workers; lower --workers-per-trial or --cpus-per-trial, or add "
+        "nodes")
 
 
 def torch_threads_for(cpus: float) -> int:

@@ -5,6 +5,10 @@ It builds everything from its `config`, and when Tune restarts it (a crash, a lo
 epoch_metrics.csv or announced to Tune, whichever is later (Tune's saved state can lag behind
 the logs when the driver was killed), skipping damaged files. All reporting is the trial
 reporter's.
+
+A trial with one worker trains in this process. A trial with several (`--workers-per-trial`)
+starts them with Ray Train (tune/data_parallel.py); its main worker then writes the files and
+this process relays its epochs to Tune.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import socket
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import torch
@@ -24,13 +28,13 @@ from ray import tune
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.engine.checkpoint import CheckpointError
 from crossdet_ray.engine.errors import DiskFullError
-from crossdet_ray.engine.run_logs import SeedLogWriter, find_resume_point
+from crossdet_ray.engine.run_logs import ResumePoint, SeedLogWriter, find_resume_point
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.engine.train import TrainingStopped, fit
 from crossdet_ray.tune.datasets import ensure_dataset
-from crossdet_ray.tune.reporter import TrialReporter, read_checkpoint_pointer
-from crossdet_ray.tune.resources import torch_threads_for
 from crossdet_ray.tune.failures import wait_for_memory_before_retry
+from crossdet_ray.tune.reporter import TrialReporter, read_checkpoint_pointer
+from crossdet_ray.tune.resources import TrialResources, torch_threads_for
 from crossdet_ray.tune.run_control import TrialControl
 
 logger = logging.getLogger(__name__)
@@ -49,55 +53,32 @@ def trial_device(granted_gpus: float) -> torch.device:
     return torch.device("cpu")
 
 
-def train_backbone(config: dict[str, Any]) -> None:
-    """Ray Tune function trainable; `config` is built by `crossdet_ray.tune.launcher`."""
-    entered_at = time.time()
-    trial = config["trial"]
-    train_config = TrainConfig.from_dict(config["train"]).replace(lr=trial["lr"])
-    resources = config["resources"][trial["backbone"]]
-    torch.set_num_threads(torch_threads_for(resources["cpu"]))
-    device = trial_device(resources["gpu"])
+def this_process() -> dict[str, Any]:
+    """Where this process runs, for training_info.json."""
+    return {"node": socket.gethostname(), "node_ip": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
-    storage = tune.get_context().get_storage()
-    trial_storage = RunStorage(storage.storage_filesystem, storage.trial_fs_path)
-    writer = SeedLogWriter(
+
+def trial_writer(config: dict[str, Any], trial_storage: RunStorage, train_config: TrainConfig,
+                 extra_info: dict[str, Any]) -> SeedLogWriter:
+    trial = config["trial"]
+    return SeedLogWriter(
         trial_storage, trial["backbone"], train_config.to_dict(),
         keep_checkpoints=config.get("keep_checkpoints"),
-        extra_info={
-            "trial_name": trial["name"], "lr": trial["lr"], "node": socket.gethostname(),
-            "node_ip": ray.util.get_node_ip_address(),
-            "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-            "resources": resources, "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "torch_threads": torch.get_num_threads(), "trainable_started_at": entered_at,
-        },
-    )
+        extra_info={"trial_name": trial["name"], "lr": trial["lr"],
+                    "resources": config["resources"][trial["backbone"]], **extra_info})
 
-    control = TrialControl(config.get("run_control"), tune.get_context().get_trial_id())
-    # After an out-of-memory kill, a retry waits for memory to free (or is not made at all).
-    wait_for_memory_before_retry(trial_storage, forbid_retry=control.forbid_retry)
-    tune_checkpoint = tune.get_checkpoint()
-    announced = read_checkpoint_pointer(tune_checkpoint) if tune_checkpoint is not None else None
-    try:
-        resume = find_resume_point(trial_storage, announced)
-    except CheckpointError as error:
-        writer.mark_failed(str(error), failure_kind="checkpoint")
-        control.forbid_retry()  # the files will not mend themselves on a restart
-        raise
-    writer.recovered_entry = resume.log_entry
-    if resume.unreadable:
-        writer.info["unreadable_checkpoints"] = resume.unreadable
 
-    # Ctrl-C: finish and announce the epoch being saved, accept no other; Tune then stops us.
-    control.watch_for_stop(writer.close_for_stop)
-    data_dir = ensure_dataset(config["data"])
+def run_fit(train: Callable[[], Any], writer: SeedLogWriter, control: TrialControl,
+            trial_name: str) -> bool:
+    """Run `train`, recording a failure in the trial's files; False when stopped on request."""
     try:
-        fit(train_config, trial["backbone"], data_dir, listener=TrialReporter(writer),
-            resume_from=resume.checkpoint, device=device)
+        train()
     except TrainingStopped:
         logger.info("%s: stopped on request after its last saved epoch; waiting for Tune to "
-                    "end the trial", trial["name"])
-        # Returning would mark the trial finished and raising would fail it: neither is true.
-        threading.Event().wait()
+                    "end the trial", trial_name)
+        return False
     except DiskFullError as error:
         writer.mark_failed(str(error), failure_kind="disk_full")
         # Restarting on the same full disk fails the same way: spend no --max-failures on it.
@@ -106,3 +87,63 @@ def train_backbone(config: dict[str, Any]) -> None:
     except Exception as error:
         writer.mark_failed(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
         raise
+    return True
+
+
+def train_backbone(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable; `config` is built by `crossdet_ray.tune.launcher`."""
+    entered_at = time.time()
+    trial = config["trial"]
+    train_config = TrainConfig.from_dict(config["train"]).replace(lr=trial["lr"])
+    resources = TrialResources(**config["resources"][trial["backbone"]])
+
+    storage = tune.get_context().get_storage()
+    trial_storage = RunStorage(storage.storage_filesystem, storage.trial_fs_path)
+    trial_id = tune.get_context().get_trial_id()
+    control = TrialControl(config.get("run_control"), trial_id)
+    # After an out-of-memory kill, a retry waits for memory to free (or is not made at all).
+    wait_for_memory_before_retry(trial_storage, forbid_retry=control.forbid_retry)
+    tune_checkpoint = tune.get_checkpoint()
+    announced = read_checkpoint_pointer(tune_checkpoint) if tune_checkpoint is not None else None
+    try:
+        resume = find_resume_point(trial_storage, announced)
+    except CheckpointError as error:
+        writer = trial_writer(config, trial_storage, train_config, this_process())
+        writer.mark_failed(str(error), failure_kind="checkpoint")
+        control.forbid_retry()  # the files will not mend themselves on a restart
+        raise
+
+    if resources.data_parallel:
+        from crossdet_ray.tune.data_parallel import train_with_workers
+
+        finished = train_with_workers(config, train_config, resources, trial_storage, resume,
+                                      trial_id, entered_at)
+    else:
+        finished = _train_here(config, train_config, resources, trial_storage, resume, control,
+                               entered_at)
+    if not finished:
+        # Returning would mark the trial finished and raising would fail it: neither is true.
+        threading.Event().wait()
+
+
+def _train_here(config: dict[str, Any], train_config: TrainConfig, resources: TrialResources,
+                trial_storage: RunStorage, resume: ResumePoint, control: TrialControl,
+                entered_at: float) -> bool:
+    """One worker: train in this process."""
+    trial = config["trial"]
+    torch.set_num_threads(torch_threads_for(resources.cpu))
+    device = trial_device(resources.gpu)
+    writer = trial_writer(config, trial_storage, train_config, {
+        **this_process(), "torch_threads": torch.get_num_threads(),
+        "trainable_started_at": entered_at, "workers": 1,
+        "per_worker_batch": train_config.batch_size})
+    writer.recovered_entry = resume.log_entry
+    if resume.unreadable:
+        writer.info["unreadable_checkpoints"] = resume.unreadable
+    # Ctrl-C: finish and announce the epoch being saved, accept no other; Tune then stops us.
+    control.watch_for_stop(writer.close_for_stop)
+    data_dir = ensure_dataset(config["data"])
+    return run_fit(
+        lambda: fit(train_config, trial["backbone"], data_dir, listener=TrialReporter(writer),
+                    resume_from=resume.checkpoint, device=device),
+        writer, control, trial["name"])
