@@ -22,6 +22,7 @@ import logging
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,6 +155,19 @@ def _placement(use_gpu: bool) -> dict[str, Any]:
     return where
 
 
+def ray_worker_group(device: torch.device) -> WorkerGroup:
+    """This Ray Train worker's `WorkerGroup`: Ray Train's process group, DDP wrap and sampler."""
+    context = ray.train.get_context()
+    # The depthwise convs' (C, 1, 3, 3) weight gradients come back with a different (equally
+    # dense) stride order than DDP's bucket views: DDP copies them and warns once per worker.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return WorkerGroup(
+        rank=context.get_world_rank(), world_size=context.get_world_size(), device=device,
+        prepare_model=lambda model: ray.train.torch.prepare_model(model, move_to_device=device),
+        prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(
+            loader, move_to_device=False))
+
+
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: the engine's fit on its share of each global batch."""
     from crossdet_ray.tune.trainable import run_fit, trial_device, trial_writer
@@ -162,8 +176,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     trial = config["trial"]
     train_config = TrainConfig.from_dict(loop_config["train"])
     storage: RunStorage = loop_config["storage"]
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+    world_size = ray.train.get_context().get_world_size()
     torch.set_num_threads(loop_config["threads"])
     device = (ray.train.torch.get_device() if loop_config["use_gpu"] and torch.cuda.is_available()
               else trial_device(1.0 if loop_config["use_gpu"] else 0.0))
@@ -171,11 +184,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     placements: list[Any] = [None] * world_size
     dist.all_gather_object(placements, _placement(loop_config["use_gpu"]))
 
-    group = WorkerGroup(
-        rank=rank, world_size=world_size, device=device,
-        prepare_model=lambda model: ray.train.torch.prepare_model(model, move_to_device=device),
-        prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(
-            loader, move_to_device=False))
+    group = ray_worker_group(device)
     relative = loop_config["resume_relative"]
     resume_from = storage.load_torch(relative) if relative else None
     data_dir = ensure_dataset(config["data"])
