@@ -16,25 +16,48 @@ from crossdet_ray.config import BACKBONES, TrainConfig
 EXIT_USER_ERROR = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default once: not where the help already says it, nor for a flag
+    whose absence means "off" or "none"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "(default" in text or default is None
+                or default is False or default is argparse.SUPPRESS):
+            return text
+        if isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default)) or "none"
+        return f"{text} (default: {default})"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
-        prog="all_backbones.py",
+        prog=prog,  # None: the name it was started by (all_backbones.py, crossdet-ray)
         description="Train CrossAttentionDet backbones at once, each a Ray Tune trial.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     seed = parser.add_argument_group("training (the reference script's flags)")
     seed.add_argument("--data", default=None,
-                      help="data directory with images/ and labels/; default: built-in "
-                           "synthetic RGB-thermal-event data")
-    seed.add_argument("--epochs", type=int, default=defaults.epochs)
-    seed.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    seed.add_argument("--lr", type=float, default=defaults.lr)
-    seed.add_argument("--lr-step-size", type=int, default=defaults.lr_step_size)
-    seed.add_argument("--lr-gamma", type=float, default=defaults.lr_gamma)
-    seed.add_argument("--num-workers", type=int, default=defaults.num_workers)
+                      help="data directory with images/ and labels/ (default: the built-in "
+                           "synthetic RGB-thermal-event data)")
+    seed.add_argument("--epochs", type=int, default=defaults.epochs,
+                      help="epochs per backbone")
+    seed.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                      help="images per optimizer step (the global batch, split over "
+                           "--workers-per-trial)")
+    seed.add_argument("--lr", type=float, default=defaults.lr,
+                      help="initial learning rate (SGD, momentum 0.9, weight decay 5e-4)")
+    seed.add_argument("--lr-step-size", type=int, default=defaults.lr_step_size,
+                      help="StepLR: epochs between learning-rate drops")
+    seed.add_argument("--lr-gamma", type=float, default=defaults.lr_gamma,
+                      help="StepLR: factor of each drop")
+    seed.add_argument("--num-workers", type=int, default=defaults.num_workers,
+                      help="data-loading worker processes per trial (0 = load in the "
+                           "training process)")
     seed.add_argument("--backbones", nargs="+", default=list(BACKBONES), metavar="NAME",
-                      help=f"backbones to train: {' '.join(BACKBONES)}")
+                      help="backbones to train")
     seed.add_argument("--log-dir", default=defaults.log_dir,
                       help="where runs go: a folder, a shared filesystem, s3:// or gs://")
     seed.add_argument("--min-size", type=int, default=defaults.min_size,
@@ -80,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     ray_group.add_argument("--address", default=None,
                            help="join a running Ray cluster (default: RAY_ADDRESS, else a "
                                 "local Ray for this run)")
-    ray_group.add_argument("--name", default=None, help="run name (default run_YYYYmmdd_HHMMSS)")
+    ray_group.add_argument("--name", default=None, help="run directory name under --log-dir (default: run_YYYYmmdd_HHMMSS)")
     ray_group.add_argument("--resume", default=None, metavar="RUN_DIR",
                            help="continue an interrupted run from its directory")
     ray_group.add_argument("--max-failures", type=int, default=2,
@@ -90,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     ray_group.add_argument("--scheduler", choices=("fifo", "asha"), default="fifo",
                            help="asha stops unpromising trials early on test mAP")
     ray_group.add_argument("--keep-checkpoints", type=int, default=None, metavar="N",
-                           help="keep only the last N epoch checkpoints (best and final stay)")
+                           help="keep only the last N epoch checkpoints; the best and final ones stay "
+                                "(default: all)")
     ray_group.add_argument("--dashboard-host", default="127.0.0.1",
                            help="interface the local Ray dashboard binds to")
     ray_group.add_argument("--no-dashboard", action="store_true",
@@ -152,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         plan["trials"] = [PlannedTrial(**t) for t in plan["trials"]]
         print(format_plan(Plan(**plan)))
         print(f"Plan written to {outcome.run_dir}/plan.json")
+        return 0
+    if outcome.nothing_to_resume:
+        print(f"Nothing to resume: every trial of {outcome.run_dir} finished "
+              f"(final_summary.json of {outcome.summary.get('timestamp', '?')}); "
+              "no file was changed.")
         return 0
     print(format_table(outcome.summary))
     print(f"Run directory: {outcome.run_dir}")

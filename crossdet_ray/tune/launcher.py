@@ -124,6 +124,7 @@ class RunOutcome:
     interrupted: bool
     dashboard_url: str | None
     plan_only: bool = False
+    nothing_to_resume: bool = False  # --resume of a run whose every trial had finished
 
     @property
     def exit_code(self) -> int:
@@ -315,6 +316,14 @@ def validate(config: LaunchConfig) -> None:
         raise LaunchError("--scheduler asha needs the per-epoch test mAP")
     if train.pretrained and not Path(train.pretrained).is_file():
         raise LaunchError(f"--pretrained: {train.pretrained} does not exist")
+    # Resource flags too: a typo costs neither a dataset generation nor a cluster start.
+    parse_gpus_per_trial(config.gpus_per_trial, train.backbones)
+    parse_workers_per_trial(config.workers_per_trial, train.backbones)
+    if config.plan_for:
+        try:
+            parse_plan_for(config.plan_for)
+        except PlanForError as error:
+            raise LaunchError(str(error)) from error
 
 
 def resolve_data(config: LaunchConfig) -> dict[str, Any]:
@@ -349,16 +358,9 @@ def launch(config: LaunchConfig) -> RunOutcome:
     # (overlapping the two would save at most its 1.6 s per 10,000 frames).
     data = resolve_data(config)
     specs = trial_specs(config.train.backbones, config.train.lr, config.lr_grid)
-    # Flags are checked before Ray starts, so a typo costs no cluster start.
-    parse_gpus_per_trial(config.gpus_per_trial, config.train.backbones)
-    parse_workers_per_trial(config.workers_per_trial, config.train.backbones)
-
     dashboard_url = None
     if config.plan_for:
-        try:
-            shape = shape_of_nodes(parse_plan_for(config.plan_for))
-        except PlanForError as error:
-            raise LaunchError(str(error)) from error
+        shape = shape_of_nodes(parse_plan_for(config.plan_for))
     else:
         dashboard_url = connect_ray(config)
         shape = cluster_shape()
@@ -454,6 +456,10 @@ def _resume(config: LaunchConfig) -> RunOutcome:
     # Where to run may change on resume; what to train may not.
     original.address, original.resume = config.address, run_uri
     original.dashboard, original.dashboard_host = config.dashboard, config.dashboard_host
+    finished = _finished_summary(run_storage)
+    if finished is not None:
+        return RunOutcome(run_dir=run_storage.uri(), summary=finished, interrupted=False,
+                          dashboard_url=None, nothing_to_resume=True)
     if not tune.Tuner.can_restore(run_storage.root, storage_filesystem=run_storage.filesystem):
         raise LaunchError(f"--resume: {run_uri} has no Tune experiment state to resume "
                           "(the run stopped before its first trial started); start it again")
@@ -470,6 +476,20 @@ def _resume(config: LaunchConfig) -> RunOutcome:
                                 if type(c) is not tune.Callback] + [
             control, FailureRecorder(run_storage, original.train.to_dict())]
     return _fit_and_summarise(tuner, original, run_storage, dashboard_url, control)
+
+
+def _finished_summary(run_storage: RunStorage) -> dict[str, Any] | None:
+    """The run's final_summary.json when every trial in it completed (else None): resuming
+    such a run has nothing to do and must change none of its files."""
+    try:
+        summary = json.loads(run_storage.read_text("final_summary.json"))
+    except (OSError, ValueError):
+        return None
+    results = summary.get("results") or []
+    if (summary.get("interrupted") or summary.get("run_error") or not results
+            or any(row.get("status") != "completed" for row in results)):
+        return None
+    return summary
 
 
 def _fit_and_summarise(tuner: tune.Tuner, config: LaunchConfig, run_storage: RunStorage,

@@ -166,3 +166,43 @@ def test_user_mistakes_about_the_run_directory_exit_2(tiny_dataset, tmp_path):
 
     _assert_one_clear_error(_run("--resume", str(tmp_path / "no_such_run"), "--no-dashboard"),
                             "--resume", "no_such_run")
+
+
+def test_help_explains_every_flag_once_under_the_name_it_was_started_by():
+    import re
+
+    result = _run("--help", timeout=60)
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: all_backbones.py")
+    # Every option's entry has help text, and no entry states its default twice.
+    entries = re.split(r"\n  (?=-)", result.stdout.split("options:", 1)[1])
+    flags = [e for e in entries if e.startswith("--")]
+    assert len(flags) >= 30
+    for entry in flags:
+        name, _, text = entry.partition(" ")
+        assert re.search(r"[a-z]{3}", " ".join(text.split()[1:]) or text), f"{name} has no help"
+        assert entry.count("(default") <= 1, entry
+    for seed_flag, default in (("--epochs", "30"), ("--batch-size", "2"), ("--lr", "0.005"),
+                               ("--lr-step-size", "10"), ("--lr-gamma", "0.1"),
+                               ("--num-workers", "4")):
+        entry = next(e for e in flags if e.startswith(seed_flag + " "))
+        assert f"(default: {default})" in " ".join(entry.split()), entry
+    from crossdet_ray.cli import build_parser
+
+    assert build_parser("crossdet-ray").format_usage().startswith("usage: crossdet-ray")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (("--gpus-per-trial", "banana"), "--gpus-per-trial"),
+    (("--workers-per-trial", "two"), "--workers-per-trial"),
+    (("--plan-only", "--plan-for", "eightx80"), "--plan-for"),
+])
+def test_flag_values_are_refused_before_any_data_is_generated(tmp_path, flags, fragment):
+    cache = tmp_path / "home"
+    env = {**ray_env(), "HOME": str(cache), "XDG_CACHE_HOME": str(cache / ".cache")}
+    result = subprocess.run(_command("--synthetic-images", "8", "--synthetic-frame-size", "64",
+                                     "--log-dir", str(tmp_path / "logs"), *flags),
+                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    _assert_one_clear_error(result, fragment)
+    assert "generating" not in result.stderr
+    assert not any(cache.rglob("*.npy")), "the synthetic dataset was generated first"

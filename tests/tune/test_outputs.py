@@ -247,3 +247,16 @@ def test_run_config_round_trips_to_the_flags(finished_run):
     from_flags = config_from_args(build_parser().parse_args(argv))
     assert LaunchConfig.from_dict(saved) == from_flags
     assert saved["trials"] == [{"name": b, "backbone": b, "lr": LR} for b in BACKBONES]
+
+
+def test_resuming_a_finished_run_changes_nothing(finished_run):
+    _, run_dir = finished_run
+    files_before = sorted(run_dir.rglob("*"))
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(run_dir.rglob("*"))
+              if p.is_file() and p.suffix in (".json", ".csv", ".parquet", ".png")}
+    result = run(["--resume", str(run_dir)], run_dir.parent.parent, "resume", timeout=240)
+    assert result.process.returncode == 0, result.stderr[-3000:]
+    assert "Nothing to resume" in result.stdout
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in before}
+    assert after == before
+    assert sorted(run_dir.rglob("*")) == files_before  # nothing added, nothing removed
