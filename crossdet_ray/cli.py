@@ -115,6 +115,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ray_group.add_argument("--keep-checkpoints", type=int, default=None, metavar="N",
                            help="keep only the last N epoch checkpoints; the best and final ones stay "
                                 "(default: all)")
+    ray_group.add_argument("--skip-disk-check", action="store_true",
+                           help="start even when the checkpoints the run will write (estimated "
+                                "and logged before it starts) exceed the free space at "
+                                "--log-dir")
     ray_group.add_argument("--dashboard-host", default="127.0.0.1",
                            help="interface the local Ray dashboard binds to")
     ray_group.add_argument("--no-dashboard", action="store_true",
@@ -151,7 +155,7 @@ def config_from_args(args: argparse.Namespace):
         keep_checkpoints=args.keep_checkpoints, dashboard=not args.no_dashboard,
         dashboard_host=args.dashboard_host, autoscaling=args.autoscaling,
         synthetic_images=args.synthetic_images, synthetic_frame_size=args.synthetic_frame_size,
-        verbose=args.verbose, plan_only=args.plan_only, plan_for=args.plan_for,
+        verbose=args.verbose, skip_disk_check=args.skip_disk_check, plan_only=args.plan_only, plan_for=args.plan_for,
     )
 
 

@@ -39,6 +39,7 @@ from crossdet_ray.tune.resources import (
     parse_workers_per_trial,
     plan_resources,
 )
+from crossdet_ray.tune.disk import disk_shortfall, estimate_run_bytes, free_bytes
 from crossdet_ray.tune.failures import FailureRecorder
 from crossdet_ray.tune.planner import (
     Allocation,
@@ -93,6 +94,7 @@ class LaunchConfig:
     synthetic_seed: int = 0
     synthetic_frame_size: int | None = None
     verbose: int = 1
+    skip_disk_check: bool = False  # start even when the run's estimated bytes do not fit
     plan_only: bool = False  # print and write the plan, train nothing
     plan_for: str | None = None  # plan for a cluster we do not have: "8x80", "2x4x80"
     plan: dict[str, Any] | None = None  # the plan this run trains by (kept in run_config.json)
@@ -371,7 +373,7 @@ def launch(config: LaunchConfig) -> RunOutcome:
     logger.info("%s", format_plan(run_plan))
     check_feasible(plan, shape, autoscaling=config.autoscaling)
 
-    run_storage = new_run_storage(config)
+    check_disk_space(config, specs, run_storage)
     param_space = {
         "trial": tune.grid_search([dataclasses.asdict(s) for s in start_order(specs)]),
         "train": config.train.to_dict(),
@@ -422,6 +424,28 @@ def new_run_storage(config: LaunchConfig) -> RunStorage:
         raise LaunchError(f"{run_storage.uri()} already holds a run; pass --resume "
                           f"{run_storage.uri()} to continue it, or another --name")
     return run_storage
+
+
+def check_disk_space(config: LaunchConfig, specs: list[TrialSpec]) -> None:
+    """Say what the run will write and what is free; refuse, before the run directory is
+    made, a run that cannot fit."""
+    estimate = estimate_run_bytes({s.name: s.backbone for s in specs}, config.train.epochs,
+                                  config.keep_checkpoints)
+    log_dir = RunStorage.from_uri(config.train.log_dir)
+    if not log_dir.is_local:
+        logger.info("this run will write about %s to %s", estimate.describe(), log_dir.uri())
+        return
+    existing = Path(log_dir.root)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the folder will be made on the disk of its parent
+    free = free_bytes(str(existing))
+    logger.info("this run will write about %s; %.2f GB is free at %s", estimate.describe(),
+                free / 1e9, log_dir.root)
+    shortfall = disk_shortfall(estimate, free, config.train.log_dir, config.keep_checkpoints)
+    if shortfall and not config.skip_disk_check:
+        raise LaunchError(shortfall)
+    if shortfall:
+        logger.warning("%s", shortfall)
 
 
 def _write_plan_only(config: LaunchConfig, plan: Plan) -> RunOutcome:

@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 SUMMARY_COLUMNS = (
     "trial", "backbone", "lr", "status", "error", "failure_kind", "failure_reason", "params",
     "epochs_completed", "best_epoch", "best_loss", "final_loss", "map", "map50", "map75",
-    "train_images_per_sec", "infer_ms_per_image", "fps", "total_time_sec", "device", "node",
+    "train_images_per_sec", "infer_ms_per_image", "fps", "total_time_sec", "predicted_hours",
+    "measured_hours", "device", "node",
     "node_id", "resources", "best_model_path", "final_model_path", "final_complete_path",
 )
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130

@@ -113,7 +113,8 @@ def test_a_full_disk_fails_the_trial_once_and_resume_finishes_it(tiny_dataset, t
     run_dir = disk.path / "full"
     trial = run_dir / TRIAL
 
-    failed = run(small_run(tiny_dataset, disk.path, "full", 3, "--max-failures", "2"), tmp_path,
+    failed = run(small_run(tiny_dataset, disk.path, "full", 3, "--max-failures", "2",
+                           "--skip-disk-check"), tmp_path,
                  "full")
     assert failed.process.returncode == 1, failed.stderr[-3000:]
     epoch_2 = re.compile(re.escape(str(trial / "checkpoints")) + r"/epoch_002_loss_\S+\.pth")

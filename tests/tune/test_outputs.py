@@ -215,7 +215,13 @@ def test_summary_tables_agree_with_each_trials_files(finished_run):
                     "device", "node", "node_id", "best_model_path", "final_model_path",
                     "final_complete_path"):
             assert row[key] == info[key], key
-        assert json.loads(row["resources"]) == info["resources"] == {"cpu": 1.0, "gpu": 0.0}
+        assert json.loads(row["resources"]) == info["resources"] == {"cpu": 1.0, "gpu": 0.0,
+                                                                        "workers": 1}
+        # The plan's prediction beside the measurement (hours).
+        plan = json.loads((run_dir / "run_config.json").read_text())["plan"]
+        (planned,) = [t for t in plan["trials"] if t["trial"] == name]
+        assert row["predicted_hours"] == planned["predicted_hours"] > 0
+        assert row["measured_hours"] == pytest.approx(info["total_time_sec"] / 3600, abs=1e-4)
         # final_summary.json says the same as the tables.
         assert {k: from_json[k] for k in SUMMARY_COLUMNS if k != "resources"} == {
             k: row[k] for k in SUMMARY_COLUMNS if k != "resources"}
@@ -260,3 +266,15 @@ def test_resuming_a_finished_run_changes_nothing(finished_run):
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in before}
     assert after == before
     assert sorted(run_dir.rglob("*")) == files_before  # nothing added, nothing removed
+
+
+def test_epoch_checkpoints_are_the_size_the_disk_estimate_counts(finished_run):
+    from crossdet_ray.models import build_detector
+    from crossdet_ray.tune.disk import EPOCH_FILE_BYTES_PER_PARAMETER
+
+    _, run_dir = finished_run
+    for backbone in BACKBONES:
+        parameters = sum(p.numel() for p in build_detector(backbone, num_classes=2).parameters())
+        (epoch_file, *_) = sorted((run_dir / backbone / "checkpoints").glob("epoch_*.pth"))
+        assert epoch_file.stat().st_size == pytest.approx(
+            EPOCH_FILE_BYTES_PER_PARAMETER * parameters, rel=0.02)
