@@ -373,7 +373,8 @@ def launch(config: LaunchConfig) -> RunOutcome:
     logger.info("%s", format_plan(run_plan))
     check_feasible(plan, shape, autoscaling=config.autoscaling)
 
-    check_disk_space(config, specs, run_storage)
+    check_disk_space(config, specs)
+    run_storage = new_run_storage(config)
     param_space = {
         "trial": tune.grid_search([dataclasses.asdict(s) for s in start_order(specs)]),
         "train": config.train.to_dict(),
