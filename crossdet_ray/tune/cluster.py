@@ -25,7 +25,12 @@ from typing import Any
 
 import yaml
 
-from crossdet_ray.tune.resources import GPU_MEMORY_RESOURCE, ResourceError
+from crossdet_ray.tune.resources import (
+    DEFAULT_GPU_MEMORY_GB,
+    GPU_MEMORY_RESOURCE,
+    ClusterShape,
+    ResourceError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,9 @@ RAY_DEFAULT_MAX_WORKERS = 2
 # `--plan-for` names GPUs, not CPUs: a node is assumed to have this many CPUs per GPU, as the
 # common cloud GPU instances have at least (g5.2xlarge: 8 per A10G; p4d/p5: 12-24 per GPU).
 PLAN_FOR_CPUS_PER_GPU = 8
+# A node type without a limit (GCS max_count -1) is planned as this many nodes: more than any
+# run of a few trials can use.
+UNLIMITED_NODES = 64
 PLAN_FOR_EXAMPLE = ("pass e.g. --plan-for 8x80 (one node of 8 GPUs of 80 GB) or "
                     "--plan-for 2x4x80 (2 nodes of 4 GPUs of 80 GB)")
 
@@ -128,7 +136,7 @@ def _node_types_from_gcs_cluster_config(cluster_config) -> list[NodeType]:
     for group in cluster_config.node_group_configs:
         resources = dict(group.resources)
         # -1: no limit; the plan then treats the type as plentiful.
-        max_count = group.max_count if group.max_count >= 0 else 2**31 - 1
+        max_count = group.max_count if group.max_count >= 0 else UNLIMITED_NODES
         node_types.append(NodeType(
             name=group.name, cpus=float(resources.get("CPU", 0)),
             gpus=float(resources.get("GPU", 0)),
@@ -200,3 +208,54 @@ def launchable_node_types(config_path: str | Path | None = None) -> list[NodeTyp
         "in the GCS, no autoscaler on this machine, no ~/ray_bootstrap_config.yaml); run the "
         "command on the cluster's head, or name the GPUs to plan for with --plan-for, e.g. "
         "--plan-for 2x1x24")
+
+
+# -- what `auto` plans for on an autoscaling cluster -----------------------------------------------
+def launchable_shape(node_types: list[NodeType]) -> ClusterShape:
+    """The cluster `--gpus-per-trial auto` plans for: every GPU node type at its most nodes
+    (the CPU-only types, and the head, train nothing while a GPU can be had); the CPU-only
+    types only where no type has a GPU."""
+    launchable = [t for t in node_types if t.max_workers > 0]
+    chosen = [t for t in launchable if t.gpus > 0] or launchable
+    nodes = tuple({"CPU": t.cpus, "GPU": t.gpus}
+                  for t in chosen for _ in range(min(t.max_workers, UNLIMITED_NODES)))
+    # A GPU whose memory its node type does not state is taken to be the planner's default.
+    memory = min((t.gpu_memory_gb or DEFAULT_GPU_MEMORY_GB for t in chosen if t.gpus > 0),
+                 default=DEFAULT_GPU_MEMORY_GB)
+    return ClusterShape(total_cpus=sum(n["CPU"] for n in nodes),
+                        total_gpus=sum(n["GPU"] for n in nodes), nodes=nodes,
+                        gpu_memory_gb=memory)
+
+
+def autoscaling_shape(current: ClusterShape, config_path: str | Path | None = None
+                      ) -> ClusterShape:
+    """What `auto` plans for with `--autoscaling`: the node types the autoscaler can launch.
+
+    Where they cannot be found, the nodes alive now do if they have a GPU; a cluster with none
+    would get a plan on the CPU, so that is an error (ClusterDiscoveryError) instead.
+    """
+    try:
+        node_types = launchable_node_types(config_path)
+    except ClusterDiscoveryError:
+        if current.total_gpus > 0:
+            logger.warning("--autoscaling: the node types the autoscaler can launch are not "
+                           "known here; planning for the %g GPU(s) alive now",
+                           current.total_gpus)
+            return current
+        raise
+    logger.info("--autoscaling: planning for the node types the autoscaler can launch: %s",
+                ", ".join(f"{t.name} (up to {t.max_workers} x {t.gpus:g} GPU"
+                          + (f" of {t.gpu_memory_gb:g} GB" if t.gpu_memory_gb else "")
+                          + f", {t.cpus:g} CPU)" for t in node_types) or "none")
+    return launchable_shape(node_types)
+
+
+def refuse_cpu_trials(gpus_by_trial: dict[str, float], shape: ClusterShape) -> None:
+    """With `--autoscaling`, a plan that trains on the CPU while GPU nodes can be launched is
+    a mistake (a 30-epoch run would take days on one torch thread), never a silent fallback."""
+    on_cpu = [name for name, gpus in gpus_by_trial.items() if not gpus > 0]
+    if on_cpu and shape.total_gpus > 0:
+        raise ResourceError(
+            f"--autoscaling: the plan puts {', '.join(on_cpu)} on the CPU while the autoscaler "
+            f"can launch nodes with {shape.total_gpus:g} GPU(s); pass --gpus-per-trial with a "
+            "GPU share (e.g. 1 or 0.5), or --gpus-per-trial 0 to train on the CPU on purpose")

@@ -37,6 +37,7 @@ from crossdet_ray.tune.resources import (
     parse_workers_per_trial,
     plan_resources,
 )
+from crossdet_ray.tune.cluster import autoscaling_shape, refuse_cpu_trials
 from crossdet_ray.tune.failures import FailureRecorder
 from crossdet_ray.tune.reporter import read_checkpoint_pointer
 from crossdet_ray.tune.run_control import (
@@ -282,10 +283,16 @@ def launch(config: LaunchConfig) -> RunOutcome:
 
     dashboard_url = connect_ray(config)
     shape = cluster_shape()
+    plan_for_launchable = config.autoscaling and request.auto
+    if plan_for_launchable:
+        # Not the nodes alive now (often a GPU-less head): those the autoscaler can add.
+        shape = autoscaling_shape(shape)
     per_backbone = max(len(config.lr_grid), 1)
     plan = plan_resources(request, config.train.backbones, per_backbone, shape,
                           config.cpus_per_trial)
     plan = assign_workers(plan, workers_request, config.train.batch_size)
+    if plan_for_launchable:
+        refuse_cpu_trials({b: r.gpu for b, r in plan.items()}, shape)
     check_feasible(plan, shape, autoscaling=config.autoscaling)
 
     specs = trial_specs(config.train.backbones, config.train.lr, config.lr_grid)

@@ -187,8 +187,11 @@ def plan_resources(
     """Each backbone's share of CPUs and GPUs (trials of one backbone in an LR grid share it)."""
     num_trials = len(backbones) * num_trials_per_backbone
     if cpus_per_trial is None:
-        # Share the cluster's CPUs out, never below a tenth of one: Ray then queues trials.
-        cpus_per_trial = max(0.1, _floor(cluster.total_cpus / max(num_trials, 1)))
+        # Share the cluster's CPUs out, never below a tenth of one: Ray then queues trials;
+        # never above one node's, which no trial could then get (a trial runs on one node).
+        largest_node = max((n.get("CPU", 0) for n in cluster.nodes), default=cluster.total_cpus)
+        cpus_per_trial = max(0.1, _floor(min(cluster.total_cpus / max(num_trials, 1),
+                                             largest_node)))
         if cpus_per_trial >= 1:
             cpus_per_trial = math.floor(cpus_per_trial)
     elif cpus_per_trial <= 0:
