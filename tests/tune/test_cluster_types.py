@@ -7,16 +7,26 @@ from pathlib import Path
 import pytest
 import yaml
 
+from crossdet_ray.tune import cluster as cluster_module
 from crossdet_ray.tune.cluster import (
     PLAN_FOR_CPUS_PER_GPU,
     ClusterDiscoveryError,
     NodeType,
     PlanForError,
+    autoscaling_shape,
     launchable_node_types,
+    launchable_shape,
     node_types_from_autoscaling_config,
     parse_plan_for,
+    refuse_cpu_trials,
 )
-from crossdet_ray.tune.resources import ResourceError
+from crossdet_ray.tune.resources import (
+    ClusterShape,
+    ResourceError,
+    TrialResources,
+    parse_gpus_per_trial,
+    plan_resources,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,3 +93,55 @@ def test_an_unreadable_config_file_is_a_clear_error(tmp_path):
     listed.write_text("- a\n- b\n")
     with pytest.raises(ClusterDiscoveryError, match="not a YAML mapping"):
         launchable_node_types(listed)
+
+
+# -- what `auto` plans for with --autoscaling ---------------------------------------------------
+GPU_SMALL = NodeType(name="gpu_small", cpus=8, gpus=1, gpu_memory_gb=24, max_workers=4)
+GPU_LARGE = NodeType(name="gpu_large", cpus=8, gpus=1, gpu_memory_gb=48, max_workers=2)
+CPU_ONLY = NodeType(name="cpu", cpus=32, gpus=0, gpu_memory_gb=None, max_workers=10)
+GPU_LESS_NOW = ClusterShape(total_cpus=0, total_gpus=0, nodes=({"CPU": 0, "GPU": 0},))
+
+
+def test_launchable_shape_is_the_gpu_types_at_their_most_nodes():
+    shape = launchable_shape([CPU_ONLY, GPU_SMALL, GPU_LARGE])
+    assert shape.nodes == ({"CPU": 8, "GPU": 1},) * 6  # no CPU-only node, no head
+    assert (shape.total_gpus, shape.total_cpus) == (6, 48)
+    assert shape.gpu_memory_gb == 24  # trials are packed for the smallest GPU
+
+
+def test_launchable_shape_without_gpu_types_is_the_cpu_types():
+    shape = launchable_shape([CPU_ONLY])
+    assert (shape.total_gpus, shape.total_cpus, len(shape.nodes)) == (0, 320, 10)
+
+
+def test_auto_on_the_launchable_shape_gets_gpus_that_fit_one_node():
+    shape = launchable_shape(parse_plan_for("2x1x24"))
+    assert (shape.total_gpus, shape.gpu_memory_gb) == (2, 24)
+    plan = plan_resources(parse_gpus_per_trial("auto", ["mit_b0"]), ["mit_b0"], 1, shape, None)
+    # 16 CPUs in all but 8 on a node: a trial of more than 8 could never be placed.
+    assert plan["mit_b0"] == TrialResources(cpu=8.0, gpu=1.0)
+
+
+def test_autoscaling_shape_reads_the_launchable_types(monkeypatch):
+    monkeypatch.setattr(cluster_module, "launchable_node_types", lambda path=None: [GPU_SMALL])
+    assert autoscaling_shape(GPU_LESS_NOW).total_gpus == 4
+
+
+def test_without_known_node_types_a_gpu_less_cluster_is_an_error(monkeypatch):
+    def not_found(path=None):
+        raise ClusterDiscoveryError("--autoscaling: cannot find ... --plan-for")
+
+    monkeypatch.setattr(cluster_module, "launchable_node_types", not_found)
+    with pytest.raises(ClusterDiscoveryError, match="--plan-for"):
+        autoscaling_shape(GPU_LESS_NOW)
+    # With GPUs alive now, those are planned for.
+    with_gpu = ClusterShape(total_cpus=8, total_gpus=1, nodes=({"CPU": 8, "GPU": 1},))
+    assert autoscaling_shape(with_gpu) is with_gpu
+
+
+def test_a_plan_on_the_cpu_is_refused_while_gpu_nodes_can_be_launched():
+    shape = launchable_shape([GPU_SMALL])
+    with pytest.raises(ResourceError, match="--autoscaling: the plan puts mit_b0 on the CPU"):
+        refuse_cpu_trials({"mit_b0": 0.0, "mit_b1": 0.5}, shape)
+    refuse_cpu_trials({"mit_b0": 0.25, "mit_b1": 1.0}, shape)
+    refuse_cpu_trials({"mit_b0": 0.0}, launchable_shape([CPU_ONLY]))  # no GPU to be had
