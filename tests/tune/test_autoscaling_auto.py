@@ -9,7 +9,7 @@ import json
 import pytest
 
 from .fake_autoscaler import GPU_TYPE_MAX_WORKERS
-from .helpers import assert_epochs_once, run, training_info
+from .helpers import assert_epochs_once, ray_env, run, training_info
 
 pytestmark = pytest.mark.ray
 
@@ -54,3 +54,16 @@ def test_auto_plans_for_launchable_gpu_nodes_and_the_trial_runs_on_one(
     assert node["Resources"].get("GPU") == 1 and node["Resources"].get("gpu_memory_24gb") == 1
     # The fake node's GPU is logical: the trial says it trains on the CPU rather than hide it.
     assert "TRAINING ON THE CPU" in command.stdout + command.stderr
+
+
+def test_auto_without_gpus_or_known_node_types_is_refused(tiny_dataset, tmp_path):
+    """A local Ray has no autoscaler config to read and no GPU: `auto` would train on the CPU
+    of a cluster that may be able to launch GPU nodes, so the command stops and says why."""
+    env = {**ray_env(), "HOME": str(tmp_path)}  # no ~/ray_bootstrap_config.yaml to be found
+    command = run(("--autoscaling", "--backbones", "mit_b0", "--epochs", "1", "--data",
+                   tiny_dataset, "--log-dir", str(tmp_path / "logs"), "--no-dashboard",
+                   "--verbose", "0"), tmp_path, "refused", timeout=300, env=env)
+    assert command.process.returncode == 2, command.stderr[-3000:]
+    assert "--autoscaling: cannot find the node types" in command.stderr
+    assert "--plan-for" in command.stderr and "Traceback" not in command.stderr
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
