@@ -145,3 +145,22 @@ def test_a_plan_on_the_cpu_is_refused_while_gpu_nodes_can_be_launched():
         refuse_cpu_trials({"mit_b0": 0.0, "mit_b1": 0.5}, shape)
     refuse_cpu_trials({"mit_b0": 0.25, "mit_b1": 1.0}, shape)
     refuse_cpu_trials({"mit_b0": 0.0}, launchable_shape([CPU_ONLY]))  # no GPU to be had
+
+
+def test_the_gcs_cluster_config_comes_first(monkeypatch, tmp_path):
+    """Where the autoscaler reports its node groups to the GCS (KubeRay's does), they are used
+    as reported: resources, min and max count; -1 (no limit) is planned as many nodes."""
+    from ray.core.generated import autoscaler_pb2
+
+    config = autoscaler_pb2.ClusterConfig(node_group_configs=[
+        autoscaler_pb2.NodeGroupConfig(name="head", resources={"CPU": 4}, max_count=0),
+        autoscaler_pb2.NodeGroupConfig(name="a100", resources={"CPU": 12, "GPU": 8,
+                                                               "gpu_memory_80gb": 1},
+                                       min_count=1, max_count=-1)])
+    monkeypatch.setattr(cluster_module, "_gcs_cluster_config", lambda: config)
+    head, a100 = launchable_node_types()
+    assert (head.max_workers, head.gpus) == (0, 0)
+    assert (a100.cpus, a100.gpus, a100.gpu_memory_gb, a100.min_workers) == (12, 8, 80, 1)
+    assert a100.max_workers == cluster_module.UNLIMITED_NODES
+    shape = launchable_shape([head, a100])
+    assert shape.total_gpus == 8 * cluster_module.UNLIMITED_NODES and shape.gpu_memory_gb == 80
