@@ -27,9 +27,9 @@ import yaml
 
 from crossdet_ray.tune.resources import (
     DEFAULT_GPU_MEMORY_GB,
-    GPU_MEMORY_RESOURCE,
     ClusterShape,
     ResourceError,
+    stated_gpu_memory_gb,
 )
 
 logger = logging.getLogger(__name__)
@@ -74,13 +74,6 @@ class NodeType:
         return self.gpus * self.max_workers
 
 
-def gpu_memory_from_resources(resources: dict[str, Any]) -> float | None:
-    """The GB per GPU a node type states with `gpu_memory_<N>gb` (the smallest if several)."""
-    stated = [float(match.group(1)) for key in resources
-              if (match := GPU_MEMORY_RESOURCE.match(key))]
-    return min(stated) if stated else None
-
-
 # -- --plan-for --------------------------------------------------------------------------------
 _PLAN_FOR_ITEM = re.compile(r"^(?:(\d+)x)?(\d+)x(\d+(?:\.\d+)?)$")
 
@@ -102,9 +95,9 @@ def parse_plan_for(text: str) -> list[NodeType]:
         if nodes < 1 or gpus < 1 or not memory_gb > 0 or not math.isfinite(memory_gb):
             raise PlanForError(f"--plan-for: '{item}' needs at least 1 node, 1 GPU and more "
                                f"than 0 GB per GPU; {PLAN_FOR_EXAMPLE}")
-        node_types.append(NodeType(name=f"plan_for_{item}", cpus=float(PLAN_FOR_CPUS_PER_GPU * gpus),
-                                   gpus=float(gpus), gpu_memory_gb=memory_gb,
-                                   max_workers=nodes, min_workers=nodes))
+        node_types.append(NodeType(
+            name=f"plan_for_{item}", cpus=float(PLAN_FOR_CPUS_PER_GPU * gpus), gpus=float(gpus),
+            gpu_memory_gb=memory_gb, max_workers=nodes, min_workers=nodes))
     return node_types
 
 
@@ -114,7 +107,8 @@ def node_types_from_autoscaling_config(config: dict[str, Any]) -> list[NodeType]
     the head is never launched, it is there already (and ray.nodes() shows it)."""
     available = config.get("available_node_types")
     if not isinstance(available, dict) or not available:
-        raise ClusterDiscoveryError("the autoscaling config has no available_node_types")
+        raise ClusterDiscoveryError("--autoscaling: the autoscaler's config has no "
+                                    "available_node_types; plan with --plan-for")
     cluster_max = int(config.get("max_workers", RAY_DEFAULT_MAX_WORKERS))
     head = config.get("head_node_type")
     node_types = []
@@ -124,7 +118,7 @@ def node_types_from_autoscaling_config(config: dict[str, Any]) -> list[NodeType]
         resources = spec.get("resources") or {}
         node_types.append(NodeType(
             name=name, cpus=float(resources.get("CPU", 0)), gpus=float(resources.get("GPU", 0)),
-            gpu_memory_gb=gpu_memory_from_resources(resources),
+            gpu_memory_gb=stated_gpu_memory_gb(resources),
             # The cluster's max_workers caps every type as well as their sum.
             max_workers=min(int(spec.get("max_workers", cluster_max)), cluster_max),
             min_workers=int(spec.get("min_workers", 0))))
@@ -140,7 +134,7 @@ def _node_types_from_gcs_cluster_config(cluster_config) -> list[NodeType]:
         node_types.append(NodeType(
             name=group.name, cpus=float(resources.get("CPU", 0)),
             gpus=float(resources.get("GPU", 0)),
-            gpu_memory_gb=gpu_memory_from_resources(resources), max_workers=int(max_count),
+            gpu_memory_gb=stated_gpu_memory_gb(resources), max_workers=int(max_count),
             min_workers=int(group.min_count)))
     return node_types
 
@@ -181,9 +175,11 @@ def read_autoscaling_config(path: Path) -> dict[str, Any]:
     try:
         config = yaml.safe_load(path.expanduser().read_text())
     except (OSError, yaml.YAMLError) as error:
-        raise ClusterDiscoveryError(f"cannot read the autoscaling config {path}: {error}") from error
+        raise ClusterDiscoveryError(f"--autoscaling: cannot read the autoscaler's config {path}: "
+                                    f"{error}; fix it, or plan with --plan-for") from error
     if not isinstance(config, dict):
-        raise ClusterDiscoveryError(f"the autoscaling config {path} is not a YAML mapping")
+        raise ClusterDiscoveryError(f"--autoscaling: the autoscaler's config {path} is not a "
+                                    "YAML mapping; fix it, or plan with --plan-for")
     return config
 
 

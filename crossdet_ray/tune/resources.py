@@ -163,14 +163,16 @@ def cluster_gpu_memory_gb(node_resources: list[dict[str, float]],
     to have the local GPU's memory (if the planner has a GPU) or DEFAULT_GPU_MEMORY_GB.
     """
     unstated = local_gpu_memory_gb or DEFAULT_GPU_MEMORY_GB
-    sizes = []
-    for resources in node_resources:
-        if resources.get("GPU", 0) <= 0:
-            continue
-        stated = [float(match.group(1)) for key in resources
-                  if (match := GPU_MEMORY_RESOURCE.match(key))]
-        sizes.append(min(stated) if stated else unstated)
+    sizes = [stated_gpu_memory_gb(resources) or unstated for resources in node_resources
+             if resources.get("GPU", 0) > 0]
     return min(sizes) if sizes else unstated
+
+
+def stated_gpu_memory_gb(resources: dict[str, float]) -> float | None:
+    """The GB per GPU a node (type) states with `gpu_memory_<N>gb` (the smallest if several)."""
+    stated = [float(match.group(1)) for key in resources
+              if (match := GPU_MEMORY_RESOURCE.match(key))]
+    return min(stated) if stated else None
 
 
 def _floor(value: float, step: float = 0.01) -> float:
