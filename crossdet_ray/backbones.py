@@ -18,7 +18,14 @@ Sources of the measured figures, per column:
 - cpu_step_s: docs/performance.md, goal 1, run 2, "optimised s per step": one training step,
   batch 2 of 5 x 240 x 320 at min_size 320, 2-core CPU, torch 2.14.1
   (`python benchmarks/cpu_throughput.py --steps 4`). Run 1 gave 2.21 / 3.24 / 4.27 / 8.09 /
-  10.75 s; this machine swings by up to 60% between runs. No GPU step time is measured yet.
+  10.75 s; this machine swings by up to 60% between runs.
+- gpu_step_s: one training step (batch 2, 800x1333, fp32) on one A100 80 GB, what the makespan
+  planner (tune/planner.py) predicts hours from. mit_b0 and mit_b1 come from the reference
+  authors' measured 15-epoch times (FACTS.md: 2.68 h and 3.44 h) over their 3,900 steps an
+  epoch (7,800 training frames of 9,750 labelled, batch 2): 0.165 and 0.212 s. mit_b2 from their
+  estimate (6.75 h): 0.415 s. mit_b4 and mit_b5 never trained there (out of memory): projected
+  from mit_b2 by the reference's own CPU step-time ratios (FACTS.md: 6.4 s and 7.4 s against
+  4.0 s): 0.664 and 0.768 s. Not measured by this project: no GPU has been lent to it yet.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ class BackboneSpec:
     train_memory_gb: float  # batch 2, 800x1333, fp32; projected (see the module docstring)
     checkpoint_on_cuda: bool  # activation checkpointing under `auto` on CUDA
     cpu_step_s: float  # measured CPU training step (see the module docstring)
+    gpu_step_s: float  # A100 training step, batch 2 at 800x1333 (see the module docstring)
     num_heads: tuple[int, int, int, int] = MIT_NUM_HEADS
     sr_ratios: tuple[int, int, int, int] = MIT_SR_RATIOS
 
@@ -48,19 +56,19 @@ class BackboneSpec:
 _SPECS = (
     BackboneSpec("mit_b0", depths=(2, 2, 2, 2), embed_dims=(32, 64, 160, 256),
                  parameters=27_786_433, train_memory_gb=10.2, checkpoint_on_cuda=False,
-                 cpu_step_s=2.26),
+                 cpu_step_s=2.26, gpu_step_s=0.165),
     BackboneSpec("mit_b1", depths=(2, 2, 2, 2), embed_dims=(64, 128, 320, 512),
                  parameters=60_014_945, train_memory_gb=14.0, checkpoint_on_cuda=False,
-                 cpu_step_s=3.38),
+                 cpu_step_s=3.38, gpu_step_s=0.212),
     BackboneSpec("mit_b2", depths=(3, 4, 6, 3), embed_dims=(64, 128, 320, 512),
                  parameters=82_104_673, train_memory_gb=18.4, checkpoint_on_cuda=False,
-                 cpu_step_s=4.09),
+                 cpu_step_s=4.09, gpu_step_s=0.415),
     BackboneSpec("mit_b4", depths=(3, 8, 27, 3), embed_dims=(64, 128, 320, 512),
                  parameters=155_397_473, train_memory_gb=30.4, checkpoint_on_cuda=True,
-                 cpu_step_s=7.42),
+                 cpu_step_s=7.42, gpu_step_s=0.664),
     BackboneSpec("mit_b5", depths=(3, 6, 40, 3), embed_dims=(64, 128, 320, 512),
                  parameters=196_598_113, train_memory_gb=35.0, checkpoint_on_cuda=True,
-                 cpu_step_s=9.00),
+                 cpu_step_s=9.00, gpu_step_s=0.768),
 )
 # Smallest first: the order of the command's default --backbones and of the summary.
 BACKBONE_REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in _SPECS}

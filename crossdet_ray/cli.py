@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 "each, or a share of the trial's CPUs): a number, per backbone "
                                 "(mit_b5=4,default=1), or auto = the trial's whole GPUs, 1 on "
                                 "a GPU share or none. --batch-size stays the global batch")
+    ray_group.add_argument("--plan-only", action="store_true",
+                           help="print the resource plan (per trial: GPUs, workers, CPUs, "
+                                "predicted hours), write it to RUN_DIR/plan.json and exit "
+                                "without training")
+    ray_group.add_argument("--plan-for", default=None, metavar="GPUSxGB",
+                           help="plan for a cluster you do not have: 8x80 = 8 GPUs of 80 GB, "
+                                "2x4x80 = 2 nodes of 4 (no Ray is started)")
     ray_group.add_argument("--cpus-per-trial", type=float, default=None,
                            help="CPUs per trial (default: the cluster's CPUs shared out)")
     ray_group.add_argument("--address", default=None,
@@ -120,7 +127,7 @@ def config_from_args(args: argparse.Namespace):
         keep_checkpoints=args.keep_checkpoints, dashboard=not args.no_dashboard,
         dashboard_host=args.dashboard_host, autoscaling=args.autoscaling,
         synthetic_images=args.synthetic_images, synthetic_frame_size=args.synthetic_frame_size,
-        verbose=args.verbose,
+        verbose=args.verbose, plan_only=args.plan_only, plan_for=args.plan_for,
     )
 
 
@@ -138,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     except (LaunchError, ResourceError, DatasetError, CheckpointError) as error:
         print(f"crossdet_ray: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    if outcome.plan_only:
+        from crossdet_ray.tune.planner import Plan, PlannedTrial, format_plan
+
+        plan = dict(outcome.summary["plan"])
+        plan["trials"] = [PlannedTrial(**t) for t in plan["trials"]]
+        print(format_plan(Plan(**plan)))
+        print(f"Plan written to {outcome.run_dir}/plan.json")
+        return 0
     print(format_table(outcome.summary))
     print(f"Run directory: {outcome.run_dir}")
     summary_path = outcome.summary.get("summary_path")

@@ -75,12 +75,12 @@ class NodeType:
 
 
 # -- --plan-for --------------------------------------------------------------------------------
-_PLAN_FOR_ITEM = re.compile(r"^(?:(\d+)x)?(\d+)x(\d+(?:\.\d+)?)$")
+_PLAN_FOR_ITEM = re.compile(r"^(?:(\d+)x)?(\d+)x(\d+(?:\.\d+)?)(?:gb)?$")
 
 
 def parse_plan_for(text: str) -> list[NodeType]:
-    """`8x80` (8 GPUs of 80 GB, one node), `2x4x80` (2 nodes of 4 GPUs of 80 GB); several node
-    types separated by commas (`8x80,2x1x24`)."""
+    """`8x80` (8 GPUs of 80 GB, one node), `2x4x80` (2 nodes of 4 GPUs of 80 GB; `2x4x80GB`
+    too); several node types separated by commas (`8x80,2x1x24`)."""
     items = [item.strip().lower() for item in text.split(",")]
     if not text.strip() or not all(items):
         raise PlanForError(f"--plan-for: '{text}' names no cluster; {PLAN_FOR_EXAMPLE}")

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
+import posixpath
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,8 +39,22 @@ from crossdet_ray.tune.resources import (
     parse_workers_per_trial,
     plan_resources,
 )
-from crossdet_ray.tune.cluster import autoscaling_shape, refuse_cpu_trials
+from crossdet_ray.tune.cluster import (
+    autoscaling_shape,
+    launchable_shape,
+    parse_plan_for,
+    refuse_cpu_trials,
+)
 from crossdet_ray.tune.failures import FailureRecorder
+from crossdet_ray.tune.planner import (
+    Allocation,
+    GpuNode,
+    Plan,
+    TrialRequest,
+    Workload,
+    format_plan,
+    plan_trials,
+)
 from crossdet_ray.tune.reporter import read_checkpoint_pointer
 from crossdet_ray.tune.run_control import (
     RunControlCallback,
@@ -52,6 +68,7 @@ from crossdet_ray.tune.trainable import train_backbone
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.json"
+PLAN_FILE = "plan.json"
 
 
 class LaunchError(ValueError):
@@ -80,6 +97,9 @@ class LaunchConfig:
     synthetic_seed: int = 0
     synthetic_frame_size: int | None = None
     verbose: int = 1
+    plan_only: bool = False  # print and write the plan, train nothing
+    plan_for: str | None = None  # plan for a cluster we do not have: "8x80", "2x4x80"
+    plan: dict[str, Any] | None = None  # the plan this run trains by (kept in run_config.json)
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -107,6 +127,7 @@ class RunOutcome:
     summary: dict[str, Any]
     interrupted: bool
     dashboard_url: str | None
+    plan_only: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -173,6 +194,50 @@ def cluster_shape() -> ClusterShape:
     return ClusterShape(total_cpus=sum(n["CPU"] for n in nodes),
                         total_gpus=sum(n["GPU"] for n in nodes), nodes=nodes,
                         gpu_memory_gb=cluster_gpu_memory_gb(alive, local_gpu_memory))
+
+
+def nodes_of_shape(shape: ClusterShape) -> list[GpuNode]:
+    return [GpuNode(gpus=int(n.get("GPU", 0)), gpu_memory_gb=shape.gpu_memory_gb,
+                    cpus=n.get("CPU", 0)) for n in shape.nodes]
+
+
+def workload_of(train: TrainConfig, data: dict[str, Any]) -> Workload:
+    """What each trial trains: the usable frames less the test split, the epochs, the batch."""
+    usable = int(data.get("report", {}).get("num_usable") or 0)
+    train_frames = max(1, usable - math.ceil(train.test_size * usable))
+    return Workload(train_frames=train_frames, epochs=train.epochs, batch_size=train.batch_size,
+                    min_size=train.min_size, amp=train.amp,
+                    activation_checkpointing=train.activation_checkpointing)
+
+
+def plan_run(config: LaunchConfig, specs: list[TrialSpec], shape: ClusterShape,
+             workload: Workload) -> tuple[dict[str, TrialResources], Plan]:
+    """Each backbone's resources and the predicted hours of every trial.
+
+    `--gpus-per-trial auto` on a cluster with GPUs lets the makespan planner choose shares,
+    whole GPUs and workers (a number given to --workers-per-trial is kept); otherwise the
+    user's shares (or the CPU) stand and the planner only predicts how long they take.
+    """
+    backbones = config.train.backbones
+    request = parse_gpus_per_trial(config.gpus_per_trial, backbones)
+    workers_request = parse_workers_per_trial(config.workers_per_trial, backbones)
+    shares = plan_resources(request, backbones, max(len(config.lr_grid), 1), shape,
+                            config.cpus_per_trial)
+    cpus = next(iter(shares.values())).cpu
+    requests = [TrialRequest(s.name, s.backbone) for s in start_order(specs)]
+    nodes = nodes_of_shape(shape)
+    if request.auto and shape.total_gpus > 0:
+        workers = (None if workers_request.auto else
+                   {b: int(workers_request.share_for(b)) for b in backbones})
+        plan = plan_trials(requests, nodes, workload, cpus, workers=workers)
+        chosen = {t.backbone: t for t in plan.trials}
+        resources = {b: TrialResources(cpu=cpus, gpu=chosen[b].gpus, workers=chosen[b].workers)
+                     for b in backbones}
+    else:
+        resources = assign_workers(shares, workers_request, config.train.batch_size)
+        plan = plan_trials(requests, nodes, workload, cpus, fixed={
+            b: Allocation(gpus=r.gpu, workers=r.workers) for b, r in resources.items()})
+    return resources, plan
 
 
 def max_concurrent_trials(trials: list[TrialResources], shape: ClusterShape,
@@ -278,34 +343,31 @@ def launch(config: LaunchConfig) -> RunOutcome:
     # The preflight comes before Ray starts, so bad data fails fast with nothing started
     # (overlapping the two would save at most its 1.6 s per 10,000 frames).
     data = resolve_data(config)
+    specs = trial_specs(config.train.backbones, config.train.lr, config.lr_grid)
+    # Flags are checked before Ray starts, so a typo costs no cluster start.
     request = parse_gpus_per_trial(config.gpus_per_trial, config.train.backbones)
-    workers_request = parse_workers_per_trial(config.workers_per_trial, config.train.backbones)
+    parse_workers_per_trial(config.workers_per_trial, config.train.backbones)
 
-    dashboard_url = connect_ray(config)
-    shape = cluster_shape()
+    dashboard_url = None
     plan_for_launchable = config.autoscaling and request.auto
+    if config.plan_for:
+        shape = launchable_shape(parse_plan_for(config.plan_for))
+    else:
+        dashboard_url = connect_ray(config)
+        shape = cluster_shape()
+        if plan_for_launchable:
+            # Not the nodes alive now (often a GPU-less head): those the autoscaler can add.
+            shape = autoscaling_shape(shape)
+    plan, run_plan = plan_run(config, specs, shape, workload_of(config.train, data))
     if plan_for_launchable:
-        # Not the nodes alive now (often a GPU-less head): those the autoscaler can add.
-        shape = autoscaling_shape(shape)
-    per_backbone = max(len(config.lr_grid), 1)
-    plan = plan_resources(request, config.train.backbones, per_backbone, shape,
-                          config.cpus_per_trial)
-    plan = assign_workers(plan, workers_request, config.train.batch_size)
-    if plan_for_launchable:
-        refuse_cpu_trials({b: r.gpu for b, r in plan.items()}, shape)
+        refuse_cpu_trials({t.trial: t.gpus for t in run_plan.trials}, shape)
+    config.plan = run_plan.to_dict()
+    if config.plan_only:
+        return _write_plan_only(config, run_plan)  # the command prints it
+    logger.info("%s", format_plan(run_plan))
     check_feasible(plan, shape, autoscaling=config.autoscaling)
 
-    specs = trial_specs(config.train.backbones, config.train.lr, config.lr_grid)
-    root_storage = RunStorage.from_uri(config.train.log_dir)  # a local folder made absolute
-    run_storage = root_storage.child(config.name)
-    try:
-        run_storage.makedirs()
-    except OSError as error:
-        raise LaunchError(f"--log-dir: cannot write to {run_storage.uri()}: {error}; check the "
-                          "path or bucket and your credentials") from error
-    if run_storage.exists(RUN_CONFIG_FILE):
-        raise LaunchError(f"{run_storage.uri()} already holds a run; pass --resume "
-                          f"{run_storage.uri()} to continue it, or another --name")
+    run_storage = new_run_storage(config)
     param_space = {
         "trial": tune.grid_search([dataclasses.asdict(s) for s in start_order(specs)]),
         "train": config.train.to_dict(),
@@ -335,13 +397,34 @@ def launch(config: LaunchConfig) -> RunOutcome:
             max_concurrent_trials=max_concurrent_trials(
                 [plan[s.backbone] for s in start_order(specs)], shape, config.autoscaling)),
         run_config=tune.RunConfig(
-            name=config.name, storage_path=root_storage.root,
-            storage_filesystem=root_storage.filesystem, verbose=config.verbose,
+            name=config.name, storage_path=posixpath.dirname(run_storage.root),
+            storage_filesystem=run_storage.filesystem, verbose=config.verbose,
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[control, FailureRecorder(run_storage, config.train.to_dict())]),
     )
     return _fit_and_summarise(tuner, config, run_storage, dashboard_url, control)
+
+
+def new_run_storage(config: LaunchConfig) -> RunStorage:
+    """The run's directory under --log-dir, made now; a taken name is an error."""
+    run_storage = RunStorage.from_uri(config.train.log_dir).child(config.name)
+    try:
+        run_storage.makedirs()
+    except OSError as error:
+        raise LaunchError(f"--log-dir: cannot write to {run_storage.uri()}: {error}; check the "
+                          "path or bucket and your credentials") from error
+    if run_storage.exists(RUN_CONFIG_FILE):
+        raise LaunchError(f"{run_storage.uri()} already holds a run; pass --resume "
+                          f"{run_storage.uri()} to continue it, or another --name")
+    return run_storage
+
+
+def _write_plan_only(config: LaunchConfig, plan: Plan) -> RunOutcome:
+    run_storage = new_run_storage(config)
+    run_storage.write_text(PLAN_FILE, dumps_json(plan.to_dict()))
+    return RunOutcome(run_dir=run_storage.uri(), summary={"plan": plan.to_dict()},
+                      interrupted=False, dashboard_url=None, plan_only=True)
 
 
 def _scheduler(config: LaunchConfig):

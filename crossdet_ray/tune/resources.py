@@ -7,19 +7,12 @@ trial starts only when its share is free, so fractions decide how many run at on
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from dataclasses import dataclass
 
 from crossdet_ray.backbones import BACKBONE_REGISTRY
 
-logger = logging.getLogger(__name__)
-
-# Peak training memory per backbone at batch 2, 800x1333, fp32 (the registry's projection from
-# benchmarks/memory.py; docs/scale.md). Used only to pack trials with `--gpus-per-trial auto`.
-GPU_MEMORY_NEED_GB: dict[str, float] = {
-    name: spec.train_memory_gb for name, spec in BACKBONE_REGISTRY.items()}
 DEFAULT_GPU_MEMORY_GB = 80.0  # an A100/H100 80 GB, what the reference was run on
 # A node's custom resource that states its GPUs' memory, e.g. {"gpu_memory_24gb": 1} in
 # cluster.yaml: the head that plans the trials often has no GPU to ask.
@@ -186,7 +179,8 @@ def plan_resources(
     cluster: ClusterShape,
     cpus_per_trial: float | None,
 ) -> dict[str, TrialResources]:
-    """Each backbone's share of CPUs and GPUs (trials of one backbone in an LR grid share it)."""
+    """Each backbone's share of CPUs and its `--gpus-per-trial` GPUs (trials of one backbone in
+    an LR grid share it); `auto` GPUs are chosen by the planner (launcher.plan_run)."""
     num_trials = len(backbones) * num_trials_per_backbone
     if cpus_per_trial is None:
         # Share the cluster's CPUs out, never below a tenth of one: Ray then queues trials;
@@ -201,22 +195,9 @@ def plan_resources(
 
     plan = {}
     for backbone in backbones:
-        if request.auto:
-            if cluster.total_gpus <= 0:
-                gpu = 0.0
-            elif cluster.total_gpus >= num_trials:
-                gpu = 1.0
-            else:
-                need = GPU_MEMORY_NEED_GB.get(backbone, cluster.gpu_memory_gb)
-                gpu = min(1.0, max(0.01, _floor(need / cluster.gpu_memory_gb)))
-                if need > cluster.gpu_memory_gb:
-                    logger.warning(
-                        "%s needs about %.0f GB at 800 px in fp32 and the smallest GPU has "
-                        "%.0f GB: it gets a whole GPU but may run out of memory; lower "
-                        "--min-size, or keep --amp and --activation-checkpointing at auto",
-                        backbone, need, cluster.gpu_memory_gb)
-        else:
-            gpu = request.share_for(backbone)
+        # `auto` on a cluster with GPUs is the makespan planner's (tune/planner.py) to decide;
+        # here it stands for the CPU, which is what it means without GPUs.
+        gpu = 0.0 if request.auto else request.share_for(backbone)
         plan[backbone] = TrialResources(cpu=float(cpus_per_trial), gpu=float(gpu))
     return plan
 

@@ -150,7 +150,7 @@ def _bare_status(verdict: TrialVerdict | None) -> str:
 
 
 def _trial_row(run_storage: RunStorage, spec: dict[str, Any], verdict: TrialVerdict | None,
-               train: dict[str, Any] | None = None
+               train: dict[str, Any] | None = None, predicted_hours: float | None = None
                ) -> tuple[dict[str, Any], pd.DataFrame | None]:
     trial_storage = run_storage.child(spec["name"])
     info = read_info(trial_storage) or {}
@@ -199,6 +199,8 @@ def _trial_row(run_storage: RunStorage, spec: dict[str, Any], verdict: TrialVerd
         "total_time_sec": info.get("total_time_sec",
                                    float(epochs["epoch_time_sec"].sum()) if epochs is not None
                                    and len(epochs) else None),
+        # The planner's prediction beside the measurement, so the cost model can be corrected.
+        "predicted_hours": predicted_hours,
         "device": info.get("device"), "node": info.get("node"),
         "node_id": info.get("node_id"), "attempts_resumed_at": info.get("resumed_at_epochs", []),
         "resources": info.get("resources"),
@@ -206,9 +208,17 @@ def _trial_row(run_storage: RunStorage, spec: dict[str, Any], verdict: TrialVerd
         "final_model_path": info.get("final_model_path"),
         "final_complete_path": info.get("final_complete_path"),
     }
+    row["measured_hours"] = (round(row["total_time_sec"] / 3600, 4)
+                             if row["total_time_sec"] is not None else None)
     if epochs is not None:
         epochs = epochs.assign(trial=spec["name"])
     return row, epochs
+
+
+def planned_hours(run_config: dict[str, Any]) -> dict[str, float]:
+    """Each trial's predicted hours from the plan run_config.json keeps (none: no plan)."""
+    plan = run_config.get("plan") or {}
+    return {t["trial"]: t["predicted_hours"] for t in plan.get("trials", [])}
 
 
 def _number(value: Any) -> float | None:
@@ -225,9 +235,10 @@ def build_final_summary(run_storage: RunStorage, run_config: dict[str, Any],
     if specs is None:
         specs = _trial_specs(run_storage, verdicts)
     rows, curves = [], []
+    predicted = planned_hours(run_config)
     for spec in specs:
         row, epochs = _trial_row(run_storage, spec, verdicts.get(spec["name"]),
-                                 run_config.get("train"))
+                                 run_config.get("train"), predicted.get(spec["name"]))
         rows.append(row)
         if epochs is not None:
             curves.append(epochs)

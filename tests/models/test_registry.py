@@ -16,7 +16,7 @@ from crossdet_ray.engine.train import use_activation_checkpointing
 from crossdet_ray.models import MIT_VARIANTS, get_encoder
 from crossdet_ray.models import BACKBONE_NAMES as MODELS_BACKBONE_NAMES
 from crossdet_ray.tune.launcher import start_order, trial_specs
-from crossdet_ray.tune.resources import GPU_MEMORY_NEED_GB
+from crossdet_ray.tune.planner import CUDA_RESERVED_GB, Workload, memory_gb
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 ENCODER = "backbone.encoder."
@@ -63,7 +63,12 @@ def test_every_consumer_reads_the_registry():
     assert config.TrainConfig().backbones == list(BACKBONE_NAMES)
     assert build_parser().parse_args([]).backbones == list(BACKBONE_NAMES)
     assert MIT_VARIANTS is BACKBONE_REGISTRY
-    assert GPU_MEMORY_NEED_GB == {n: s.train_memory_gb for n, s in BACKBONE_REGISTRY.items()}
+    # The planner's memory at the registry's own setting (batch 2, 800 px, fp32, no
+    # checkpointing) is the registry's figure plus what CUDA itself reserves.
+    fp32 = Workload(train_frames=1, epochs=1, batch_size=2, min_size=800, amp="off",
+                    activation_checkpointing="off")
+    for name, spec in BACKBONE_REGISTRY.items():
+        assert memory_gb(name, fp32, 2) == pytest.approx(spec.train_memory_gb + CUDA_RESERVED_GB)
     auto = config.TrainConfig(activation_checkpointing="auto")
     for name, spec in BACKBONE_REGISTRY.items():
         assert use_activation_checkpointing(auto, name, torch.device("cuda")) == \

@@ -38,12 +38,16 @@ def test_auto_plans_for_launchable_gpu_nodes_and_the_trial_runs_on_one(
     # Planned for the launchable gpu_small nodes (1 CPU, 1 GPU of 24 GB, up to 2), not the head.
     assert run_config["cluster"]["total_gpus"] == GPU_TYPE_MAX_WORKERS
     assert run_config["cluster"]["gpu_memory_gb"] == 24
-    assert run_config["resources"]["mit_b0"] == {"cpu": 1.0, "gpu": 1.0, "workers": 1}
+    share = run_config["resources"]["mit_b0"]
+    assert 0 < share["gpu"] <= 1 and share["cpu"] <= 1 and share["workers"] == 1
+    # The planner's plan is for those nodes too, and says so.
+    assert run_config["plan"]["cluster"]["gpus"] == GPU_TYPE_MAX_WORKERS
+    assert [t["gpus"] for t in run_config["plan"]["trials"]] == [share["gpu"]]
 
     trial_dir = run_dir / "mit_b0"
     assert_epochs_once(trial_dir, 1)
     info = training_info(trial_dir)
-    assert info["resources"] == {"cpu": 1.0, "gpu": 1.0, "workers": 1}
+    assert info["resources"] == share
     assert info["gpu_ids"] == ["0"]
     assert info["node_id"] not in before, "the trial ran on a node that was there before"
     ray.init(address=cluster.address, logging_level="WARNING")

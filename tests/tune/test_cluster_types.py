@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from crossdet_ray.config import TrainConfig
 from crossdet_ray.tune import cluster as cluster_module
 from crossdet_ray.tune.cluster import (
     PLAN_FOR_CPUS_PER_GPU,
@@ -20,10 +21,11 @@ from crossdet_ray.tune.cluster import (
     parse_plan_for,
     refuse_cpu_trials,
 )
+from crossdet_ray.tune.launcher import LaunchConfig, plan_run, trial_specs
+from crossdet_ray.tune.planner import Workload
 from crossdet_ray.tune.resources import (
     ClusterShape,
     ResourceError,
-    TrialResources,
     parse_gpus_per_trial,
     plan_resources,
 )
@@ -45,12 +47,12 @@ def test_nodes_of_gpus():
 
 
 def test_several_node_types_and_fractional_memory():
-    small, large = parse_plan_for(" 1x24 , 2X1x40.5 ")
+    small, large = parse_plan_for(" 1x24 , 2X1x40.5GB ")
     assert (small.gpus, small.gpu_memory_gb, small.max_workers) == (1.0, 24.0, 1)
     assert (large.gpus, large.gpu_memory_gb, large.max_workers) == (1.0, 40.5, 2)
 
 
-@pytest.mark.parametrize("text", ["", "80", "8x", "x80", "8x80gb", "2x4x80x1", "8*80", "a8x80",
+@pytest.mark.parametrize("text", ["", "80", "8x", "x80", "8x80tb", "2x4x80x1", "8*80", "a8x80",
                                   "0x80", "8x0", "0x4x80", "8x80,", "-1x80"])
 def test_malformed_plan_for_names_the_flag_and_an_example(text):
     with pytest.raises(PlanForError) as caught:
@@ -114,12 +116,22 @@ def test_launchable_shape_without_gpu_types_is_the_cpu_types():
     assert (shape.total_gpus, shape.total_cpus, len(shape.nodes)) == (0, 320, 10)
 
 
-def test_auto_on_the_launchable_shape_gets_gpus_that_fit_one_node():
+def test_a_trials_default_cpus_fit_one_node():
     shape = launchable_shape(parse_plan_for("2x1x24"))
-    assert (shape.total_gpus, shape.gpu_memory_gb) == (2, 24)
     plan = plan_resources(parse_gpus_per_trial("auto", ["mit_b0"]), ["mit_b0"], 1, shape, None)
     # 16 CPUs in all but 8 on a node: a trial of more than 8 could never be placed.
-    assert plan["mit_b0"] == TrialResources(cpu=8.0, gpu=1.0)
+    assert plan["mit_b0"].cpu == 8.0
+
+
+def test_the_planner_gives_auto_trials_gpus_of_the_launchable_nodes():
+    backbones = ["mit_b0", "mit_b5"]
+    config = LaunchConfig(train=TrainConfig(backbones=backbones, epochs=2), autoscaling=True)
+    shape = launchable_shape([CPU_ONLY, GPU_SMALL])
+    workload = Workload(train_frames=100, epochs=2, batch_size=2, min_size=800)
+    resources, plan = plan_run(config, trial_specs(backbones, 0.005, []), shape, workload)
+    assert all(0 < r.gpu <= 1 and r.cpu <= GPU_SMALL.cpus for r in resources.values())
+    assert plan.cluster["gpus"] == 4  # gpu_small's 4 nodes; not the CPU-only type
+    refuse_cpu_trials({t.trial: t.gpus for t in plan.trials}, shape)
 
 
 def test_autoscaling_shape_reads_the_launchable_types(monkeypatch):
