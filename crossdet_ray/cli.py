@@ -97,7 +97,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                 "without training")
     ray_group.add_argument("--plan-for", default=None, metavar="GPUSxGB",
                            help="plan for a cluster you do not have: 8x80 = 8 GPUs of 80 GB, "
-                                "2x4x80 = 2 nodes of 4 (no Ray is started)")
+                                "2x4x80 = 2 nodes of 4, 8x80,2x1x24 = both (no Ray is started)")
     ray_group.add_argument("--cpus-per-trial", type=float, default=None,
                            help="CPUs per trial (default: the cluster's CPUs shared out)")
     ray_group.add_argument("--address", default=None,
@@ -125,7 +125,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                            help="do not start Ray's dashboard for a local run")
     ray_group.add_argument("--autoscaling", action="store_true",
                            help="the cluster adds nodes on demand: do not reject requests the "
-                                "current nodes cannot hold")
+                                "current nodes cannot hold; --gpus-per-trial auto plans for the "
+                                "GPU node types the autoscaler can launch, not the nodes alive "
+                                "now")
     ray_group.add_argument("--synthetic-images", type=int, default=64,
                            help="frames in the built-in dataset (without --data)")
     ray_group.add_argument("--synthetic-frame-size", type=int, default=None,

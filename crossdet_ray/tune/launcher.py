@@ -39,17 +39,21 @@ from crossdet_ray.tune.resources import (
     parse_workers_per_trial,
     plan_resources,
 )
+from crossdet_ray.tune.cluster import (
+    autoscaling_shape,
+    launchable_shape,
+    parse_plan_for,
+    refuse_cpu_trials,
+)
 from crossdet_ray.tune.disk import disk_shortfall, estimate_run_bytes, free_bytes
 from crossdet_ray.tune.failures import FailureRecorder
 from crossdet_ray.tune.planner import (
     Allocation,
     GpuNode,
     Plan,
-    PlanForError,
     TrialRequest,
     Workload,
     format_plan,
-    parse_plan_for,
     plan_trials,
 )
 from crossdet_ray.tune.reporter import read_checkpoint_pointer
@@ -195,15 +199,6 @@ def cluster_shape() -> ClusterShape:
                         gpu_memory_gb=cluster_gpu_memory_gb(alive, local_gpu_memory))
 
 
-def shape_of_nodes(nodes: list[GpuNode]) -> ClusterShape:
-    """A cluster we do not have (`--plan-for`) in the shape the resource checks read."""
-    gpu_memory = min((n.gpu_memory_gb for n in nodes if n.gpus), default=None)
-    return ClusterShape(total_cpus=sum(n.cpus for n in nodes),
-                        total_gpus=sum(n.gpus for n in nodes),
-                        nodes=tuple({"CPU": float(n.cpus), "GPU": float(n.gpus)} for n in nodes),
-                        **({"gpu_memory_gb": gpu_memory} if gpu_memory else {}))
-
-
 def nodes_of_shape(shape: ClusterShape) -> list[GpuNode]:
     return [GpuNode(gpus=int(n.get("GPU", 0)), gpu_memory_gb=shape.gpu_memory_gb,
                     cpus=n.get("CPU", 0)) for n in shape.nodes]
@@ -322,10 +317,7 @@ def validate(config: LaunchConfig) -> None:
     parse_gpus_per_trial(config.gpus_per_trial, train.backbones)
     parse_workers_per_trial(config.workers_per_trial, train.backbones)
     if config.plan_for:
-        try:
-            parse_plan_for(config.plan_for)
-        except PlanForError as error:
-            raise LaunchError(str(error)) from error
+        parse_plan_for(config.plan_for)  # a ResourceError: one line, exit 2
 
 
 def resolve_data(config: LaunchConfig) -> dict[str, Any]:
@@ -360,13 +352,20 @@ def launch(config: LaunchConfig) -> RunOutcome:
     # (overlapping the two would save at most its 1.6 s per 10,000 frames).
     data = resolve_data(config)
     specs = trial_specs(config.train.backbones, config.train.lr, config.lr_grid)
+    request = parse_gpus_per_trial(config.gpus_per_trial, config.train.backbones)
     dashboard_url = None
+    plan_for_launchable = config.autoscaling and request.auto
     if config.plan_for:
-        shape = shape_of_nodes(parse_plan_for(config.plan_for))
+        shape = launchable_shape(parse_plan_for(config.plan_for))
     else:
         dashboard_url = connect_ray(config)
         shape = cluster_shape()
+        if plan_for_launchable:
+            # Not the nodes alive now (often a GPU-less head): those the autoscaler can add.
+            shape = autoscaling_shape(shape)
     plan, run_plan = plan_run(config, specs, shape, workload_of(config.train, data))
+    if plan_for_launchable:
+        refuse_cpu_trials({t.trial: t.gpus for t in run_plan.trials}, shape)
     config.plan = run_plan.to_dict()
     if config.plan_only:
         return _write_plan_only(config, run_plan)  # the command prints it

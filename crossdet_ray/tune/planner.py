@@ -28,6 +28,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 from crossdet_ray.backbones import get_backbone
+from crossdet_ray.tune.cluster import NodeType, PlanForError  # noqa: F401 (callers' error)
+from crossdet_ray.tune.cluster import parse_plan_for as parse_node_types
+from crossdet_ray.tune.resources import DEFAULT_GPU_MEMORY_GB
 
 REGISTRY_BATCH = 2  # the registry's memory and step time are at batch 2 ...
 REGISTRY_SIDE = 800  # ... of 800x1333 frames
@@ -37,7 +40,6 @@ BF16_ACTIVATION_FACTOR = 0.6  # autocast keeps most activations in bf16, some in
 CHECKPOINTED_ACTIVATION_FACTOR = 0.4  # encoder blocks recomputed; FPN and heads still stored
 DATA_PARALLEL_EFFICIENCY_PER_DOUBLING = 0.9  # all-reduce and stragglers, NCCL on one node
 SHARE_STEP = 0.05  # candidate GPU shares: multiples of this, and each backbone's minimum
-DEFAULT_CPUS_PER_GPU = 8  # what `--plan-for` assumes a node has per GPU
 CPU_REFERENCE_THREADS = 2  # the registry's CPU step times were measured with 2 threads
 
 
@@ -386,24 +388,16 @@ def describe_nodes(nodes: Iterable[GpuNode]) -> dict[str, Any]:
             "cpus": sum(n.cpus for n in nodes)}
 
 
-class PlanForError(ValueError):
-    """A `--plan-for` value that is not GPUSxGB or NODESxGPUSxGB."""
+def gpu_nodes(node_types: Iterable[NodeType]) -> list[GpuNode]:
+    """Node types (`--plan-for`, or what an autoscaler can launch) as the planner's nodes: each
+    type at its most nodes."""
+    return [GpuNode(gpus=int(t.gpus), gpu_memory_gb=t.gpu_memory_gb or DEFAULT_GPU_MEMORY_GB,
+                    cpus=t.cpus) for t in node_types for _ in range(t.max_workers)]
 
 
 def parse_plan_for(text: str) -> list[GpuNode]:
     """`8x80` = one node of 8 GPUs of 80 GB; `2x4x80` = two nodes of 4 such GPUs each."""
-    parts = text.lower().replace("gb", "").split("x")
-    try:
-        numbers = [float(p) for p in parts]
-    except ValueError:
-        numbers = []
-    if len(numbers) not in (2, 3) or any(not n > 0 for n in numbers) or any(
-            not n.is_integer() for n in numbers[:-1]):
-        raise PlanForError(f"--plan-for: '{text}' is not GPUSxGB or NODESxGPUSxGB; pass e.g. "
-                           "8x80 (8 GPUs of 80 GB) or 2x4x80 (2 nodes of 4)")
-    count, gpus, memory = (1, *numbers) if len(numbers) == 2 else numbers
-    return [GpuNode(gpus=int(gpus), gpu_memory_gb=memory, cpus=DEFAULT_CPUS_PER_GPU * gpus)
-            for _ in range(int(count))]
+    return gpu_nodes(parse_node_types(text))
 
 
 def format_plan(plan: Plan) -> str:

@@ -156,14 +156,16 @@ def cluster_gpu_memory_gb(node_resources: list[dict[str, float]],
     to have the local GPU's memory (if the planner has a GPU) or DEFAULT_GPU_MEMORY_GB.
     """
     unstated = local_gpu_memory_gb or DEFAULT_GPU_MEMORY_GB
-    sizes = []
-    for resources in node_resources:
-        if resources.get("GPU", 0) <= 0:
-            continue
-        stated = [float(match.group(1)) for key in resources
-                  if (match := GPU_MEMORY_RESOURCE.match(key))]
-        sizes.append(min(stated) if stated else unstated)
+    sizes = [stated_gpu_memory_gb(resources) or unstated for resources in node_resources
+             if resources.get("GPU", 0) > 0]
     return min(sizes) if sizes else unstated
+
+
+def stated_gpu_memory_gb(resources: dict[str, float]) -> float | None:
+    """The GB per GPU a node (type) states with `gpu_memory_<N>gb` (the smallest if several)."""
+    stated = [float(match.group(1)) for key in resources
+              if (match := GPU_MEMORY_RESOURCE.match(key))]
+    return min(stated) if stated else None
 
 
 def _floor(value: float, step: float = 0.01) -> float:
@@ -181,8 +183,11 @@ def plan_resources(
     an LR grid share it); `auto` GPUs are chosen by the planner (launcher.plan_run)."""
     num_trials = len(backbones) * num_trials_per_backbone
     if cpus_per_trial is None:
-        # Share the cluster's CPUs out, never below a tenth of one: Ray then queues trials.
-        cpus_per_trial = max(0.1, _floor(cluster.total_cpus / max(num_trials, 1)))
+        # Share the cluster's CPUs out, never below a tenth of one: Ray then queues trials;
+        # never above one node's, which no trial could then get (a trial runs on one node).
+        largest_node = max((n.get("CPU", 0) for n in cluster.nodes), default=cluster.total_cpus)
+        cpus_per_trial = max(0.1, _floor(min(cluster.total_cpus / max(num_trials, 1),
+                                             largest_node)))
         if cpus_per_trial >= 1:
             cpus_per_trial = math.floor(cpus_per_trial)
     elif cpus_per_trial <= 0:

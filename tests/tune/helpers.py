@@ -195,19 +195,21 @@ class Command:
         kill_session(self.pid)
 
 
-def start(args: tuple[str, ...] | list[str], output_dir: Path, label: str) -> Command:
+def start(args: tuple[str, ...] | list[str], output_dir: Path, label: str,
+          env: dict[str, str] | None = None) -> Command:
+    """The command in a session of its own; `env` defaults to ray_env()."""
     output_dir.mkdir(parents=True, exist_ok=True)
     stdout_path, stderr_path = output_dir / f"{label}.out", output_dir / f"{label}.err"
     with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
         process = subprocess.Popen(command(*args), stdout=stdout, stderr=stderr, text=True,
-                                   cwd=ROOT, env=ray_env(), start_new_session=True)
+                                   cwd=ROOT, env=env or ray_env(), start_new_session=True)
     return Command(process, stdout_path, stderr_path)
 
 
 def run(args: tuple[str, ...] | list[str], output_dir: Path, label: str,
-        timeout: float = 300) -> Command:
+        timeout: float = 300, env: dict[str, str] | None = None) -> Command:
     """Run the command to its end; whatever it leaves running is killed."""
-    running = start(args, output_dir, label)
+    running = start(args, output_dir, label, env)
     try:
         running.wait(timeout)
     finally:
