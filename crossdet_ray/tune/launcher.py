@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import posixpath
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -56,6 +57,7 @@ from crossdet_ray.tune.planner import (
     format_plan,
     plan_trials,
 )
+from crossdet_ray.tune.progress import TrialLinesReporter
 from crossdet_ray.tune.reporter import read_checkpoint_pointer
 from crossdet_ray.tune.run_control import (
     RunControlCallback,
@@ -163,6 +165,7 @@ def connect_ray(config: LaunchConfig) -> str | None:
     """Join `--address` / RAY_ADDRESS, or start a local Ray with its dashboard on 127.0.0.1."""
     if ray.is_initialized():
         return None
+    quiet_console()
     address = config.address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
@@ -187,6 +190,23 @@ def connect_ray(config: LaunchConfig) -> str | None:
         host = f"[{config.dashboard_host}]" if ":" in config.dashboard_host else config.dashboard_host
         url = f"{host}:{port}"
     return f"http://{url}"
+
+
+class _TokenWarningFilter(logging.Filter):
+    """Ray 2.60 warns at every start that token authentication is on; the dashboard line says
+    once what that means for the user (how to log in)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled" not in record.getMessage()
+
+
+def quiet_console() -> None:
+    """No colour codes in logs that are not a terminal; Ray's token notice said our way."""
+    if not sys.stderr.isatty():
+        os.environ["RAY_COLOR_PREFIX"] = "0"  # read by Ray's log printer in this process
+    token_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _TokenWarningFilter) for f in token_logger.filters):
+        token_logger.addFilter(_TokenWarningFilter())
 
 
 def cluster_shape() -> ClusterShape:
@@ -407,7 +427,8 @@ def launch(config: LaunchConfig) -> RunOutcome:
             storage_filesystem=run_storage.filesystem, verbose=config.verbose,
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[control, FailureRecorder(run_storage, config.train.to_dict())]),
+            callbacks=[control, FailureRecorder(run_storage, config.train.to_dict())],
+            progress_reporter=progress_reporter(config, data, run_storage)),
     )
     return _fit_and_summarise(tuner, config, run_storage, dashboard_url, control)
 
@@ -499,7 +520,19 @@ def _resume(config: LaunchConfig) -> RunOutcome:
         run_config.callbacks = [c for c in (run_config.callbacks or [])
                                 if type(c) is not tune.Callback] + [
             control, FailureRecorder(run_storage, original.train.to_dict())]
+        run_config.progress_reporter = progress_reporter(original, saved.get("data", {}),
+                                                         run_storage)
     return _fit_and_summarise(tuner, original, run_storage, dashboard_url, control)
+
+
+def progress_reporter(config: LaunchConfig, data: dict[str, Any],
+                      run_storage: RunStorage) -> TrialLinesReporter:
+    """One line per trial on the console (Tune's legacy reporter interface: the default
+    output engine ignores reporters and prints each trial's whole config instead)."""
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    workload = workload_of(config.train, data)
+    return TrialLinesReporter(run_storage, config.train.epochs,
+                              math.ceil(workload.train_frames / config.train.batch_size))
 
 
 def _finished_summary(run_storage: RunStorage) -> dict[str, Any] | None:
@@ -520,7 +553,10 @@ def _fit_and_summarise(tuner: tune.Tuner, config: LaunchConfig, run_storage: Run
                        dashboard_url: str | None,
                        control: RunControlCallback | None = None) -> RunOutcome:
     if dashboard_url:
-        logger.info("Ray dashboard: %s", dashboard_url)
+        logger.info("Ray dashboard: %s (it asks for a token: `ray get-auth-token` prints it "
+                    "on this machine; for a cluster, `ray dashboard cluster.yaml` forwards it "
+                    "and `ray get-auth-token` runs on its head)", dashboard_url)
+    logger.info("TensorBoard: tensorboard --logdir %s", run_storage.uri())
     start = time.perf_counter()
     interrupted, run_error = False, None
     try:

@@ -13,6 +13,7 @@ checkpoint is stored once. The next epoch trains meanwhile.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -24,6 +25,8 @@ from ray import tune
 from crossdet_ray.engine.run_logs import SeedLogWriter, dumps_json
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.engine.train import BatchMetrics, EpochMetrics, TrainingSummary
+
+logger = logging.getLogger(__name__)
 
 POINTER_FILE = "crossdet_checkpoint.json"
 
@@ -68,6 +71,10 @@ def announce_to_tune(metrics: dict[str, Any], pointer: dict[str, Any]) -> None:
 Announce = Callable[[dict[str, Any], dict[str, Any]], None]
 
 
+PROGRESS_FILE = "logs/progress.json"  # the newest batch: epoch, batch, loss, wall time
+PROGRESS_INTERVAL_SEC = 5.0
+
+
 class TrialReporter:
     """A `TrainingListener` that feeds Tune and writes the seed's files for one trial."""
 
@@ -75,6 +82,7 @@ class TrialReporter:
         self.writer = writer
         self.announce = announce
         self._batch_seconds = 0.0  # time this reporter took inside the current epoch
+        self._progress_written_at = -PROGRESS_INTERVAL_SEC
         self.overhead_sec: list[float] = []  # per epoch: logging, checkpointing, tune.report
 
     def on_train_start(self, info: dict[str, Any]) -> None:
@@ -86,6 +94,15 @@ class TrialReporter:
     def on_batch_end(self, metrics: BatchMetrics) -> None:
         start = time.perf_counter()
         self.writer.on_batch_end(metrics)
+        if start - self._progress_written_at >= PROGRESS_INTERVAL_SEC:
+            # Where the epoch is, for the console's progress lines between Tune's reports.
+            self._progress_written_at = start
+            try:
+                self.writer.storage.write_text(PROGRESS_FILE, json.dumps(
+                    {"epoch": metrics.epoch, "batch": metrics.batch, "loss": metrics.loss,
+                     "time": time.time()}))
+            except OSError as error:  # progress is a courtesy: never fail training over it
+                logger.debug("cannot write %s: %s", PROGRESS_FILE, error)
         self._batch_seconds += time.perf_counter() - start
 
     def on_epoch_end(self, metrics: EpochMetrics, checkpoint: dict[str, Any]) -> None:

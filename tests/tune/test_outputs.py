@@ -251,7 +251,12 @@ def test_run_config_round_trips_to_the_flags(finished_run):
     argv, run_dir = finished_run
     saved = json.loads((run_dir / "run_config.json").read_text())
     from_flags = config_from_args(build_parser().parse_args(argv))
-    assert LaunchConfig.from_dict(saved) == from_flags
+    # Everything but the plan comes from the flags; the plan is what the run made of them.
+    restored = LaunchConfig.from_dict(saved)
+    assert restored.plan is not None and from_flags.plan is None
+    restored.plan = None
+    assert restored == from_flags
+    assert sorted(t["trial"] for t in saved["plan"]["trials"]) == BACKBONES
     assert saved["trials"] == [{"name": b, "backbone": b, "lr": LR} for b in BACKBONES]
 
 
