@@ -11,7 +11,7 @@ import logging
 import sys
 
 from crossdet_ray.backbones import BACKBONE_REGISTRY
-from crossdet_ray.config import BACKBONES, TrainConfig
+from crossdet_ray.config import BACKBONES, MLFLOW_DEFAULT, TrainConfig
 
 EXIT_USER_ERROR = 2
 
@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--pretrained", default=None,
                       help="local SegFormer MiT ImageNet weights, loaded into both streams")
     seed.add_argument("--seed", type=int, default=defaults.seed, help="weights/shuffle seed")
+    seed.add_argument("--init-from", default=None, metavar="RUN_DIR",
+                      help="fine-tune: each backbone starts from RUN_DIR's best_map_model.pth "
+                           "(weights only; a fresh optimizer and schedule at --lr)")
+    seed.add_argument("--mlflow", nargs="?", const=MLFLOW_DEFAULT, default=None,
+                      metavar="TRACKING_URI",
+                      help="log every trial as an MLflow run (default URI: "
+                           "sqlite:///RUN_DIR/mlflow.db); needs pip install 'crossdet_ray[mlflow]'")
     checkpointed = [name for name, spec in BACKBONE_REGISTRY.items() if spec.checkpoint_on_cuda]
     speed = parser.add_argument_group("speed and memory")
     speed.add_argument("--amp", choices=("auto", "bf16", "off"), default=defaults.amp,
@@ -120,7 +127,7 @@ def config_from_args(args: argparse.Namespace):
         keep_checkpoints=args.keep_checkpoints, dashboard=not args.no_dashboard,
         dashboard_host=args.dashboard_host, autoscaling=args.autoscaling,
         synthetic_images=args.synthetic_images, synthetic_frame_size=args.synthetic_frame_size,
-        verbose=args.verbose,
+        verbose=args.verbose, init_from=args.init_from, mlflow=args.mlflow,
     )
 
 

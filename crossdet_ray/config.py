@@ -13,6 +13,8 @@ from typing import Any
 from crossdet_ray.backbones import BACKBONE_NAMES
 
 BACKBONES: tuple[str, ...] = BACKBONE_NAMES  # the registry's order, smallest first
+# `--mlflow` without a tracking URI: a SQLite database in the run directory.
+MLFLOW_DEFAULT = "default"
 
 
 @dataclass
