@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from crossdet_ray.data import DatasetError, load_frame
+from crossdet_ray.config import TrainConfig
+from crossdet_ray.data import load_frame
 from crossdet_ray.data.npy_header import read_npy_header
-from crossdet_ray.engine.checkpoint import CheckpointError
+from crossdet_ray.engine.checkpoint import CheckpointError, load_checkpoint
 from crossdet_ray.models import build_detector
 
 logger = logging.getLogger(__name__)
@@ -47,27 +48,20 @@ def load_detector(path: str | Path, device: torch.device, min_size: int | None =
                   max_size: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The detector of a crossdet_ray (or CrossAttentionDet) checkpoint, in eval mode, and
     what it was built from: {"backbone", "num_classes", "min_size", "max_size", "epoch"}."""
-    path = Path(path)
-    if not path.is_file():
-        raise PredictError(f"checkpoint {path} does not exist; pass a .pth file such as "
-                           "RUN_DIR/mit_b0/checkpoints/best_map_model.pth")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a corrupt or foreign file
-        raise PredictError(f"checkpoint {path} cannot be read: {error}") from error
-    if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint \
-            or "backbone" not in checkpoint:
-        raise PredictError(f"{path} is not a full checkpoint (it needs 'backbone' and "
-                           "'model_state_dict'; a weights-only *_final.pth does not say its "
-                           "backbone): pass best_map_model.pth, best_model.pth or an epoch file")
+        checkpoint = load_checkpoint(path)  # weights_only=True, every key checked
+    except CheckpointError as error:
+        raise PredictError(f"{error}; pass a full checkpoint: best_map_model.pth, "
+                           "best_model.pth or an epoch file (a weights-only *_final.pth does "
+                           "not name its backbone)") from error
     state = checkpoint["model_state_dict"]
-    config = checkpoint.get("config") or {}
+    config = {**TrainConfig().to_dict(), **(checkpoint.get("config") or {})}
     built = {
         "backbone": checkpoint["backbone"],
         # The head's own shape: reference checkpoints do not store the class count.
         "num_classes": int(state[CLASS_WEIGHT].shape[0]),
-        "min_size": int(min_size or config.get("min_size") or 800),
-        "max_size": int(max_size or config.get("max_size") or 1333),
+        "min_size": int(min_size or config["min_size"]),
+        "max_size": int(max_size or config["max_size"]),
         "epoch": checkpoint.get("epoch"),
     }
     model = build_detector(built["backbone"], num_classes=built["num_classes"],
@@ -159,5 +153,5 @@ def _write_json(path: Path, value: Any) -> None:
     temporary.replace(path)  # atomic: a reader never sees half a file
 
 
-__all__ = ["DatasetError", "PredictConfig", "PredictError", "coco_detections", "frame_files",
+__all__ = ["PredictConfig", "PredictError", "coco_detections", "frame_files",
            "load_detector", "predict", "predict_frames"]

@@ -170,7 +170,7 @@ def test_user_mistakes_are_one_line_and_exit_2(frames, checkpoint, tmp_path, cap
     ]
     weights_only = tmp_path / "mit_b0_final.pth"
     torch.save(torch.load(checkpoint, weights_only=True)["model_state_dict"], weights_only)
-    cases.append(((str(weights_only), str(frames / "images")), "not a full checkpoint"))
+    cases.append(((str(weights_only), str(frames / "images")), "pass a full checkpoint"))
     not_a_frame = tmp_path / "frames" / "bad.npy"
     not_a_frame.parent.mkdir()
     np.save(not_a_frame, np.zeros((8, 8, 3), np.uint8))  # three channels, not five
