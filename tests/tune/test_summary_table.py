@@ -41,4 +41,9 @@ def test_both_bests_are_shown_with_their_epochs():
     row = {**_row("mit_b0", 0.61234, 2.0), "best_loss": 0.25, "best_epoch": 4,
            "best_map_epoch": 3, "best_map50": 0.9}
     table = format_table(_summary([row]))
-    assert "0.2500 (4)" in table and "0.6123 (3)" in table and "0.9000" in table
+    line = next(line for line in table.splitlines() if line.startswith("| mit_b0"))
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
+    assert cells[header.index("best loss (ep)")] == "0.2500 (4)"
+    assert cells[header.index("best mAP (ep)")] == "0.6123 (3)"
+    assert float(cells[header.index("mAP50 (best mAP ep)")]) == 0.9
