@@ -29,11 +29,15 @@ def _source_trials(run_dir: Path) -> list[dict[str, Any]]:
                 if p.is_dir()]
 
 
-def _best_map(trial_dir: Path) -> float:
+def _info(trial_dir: Path) -> dict[str, Any]:
     try:
-        value = json.loads((trial_dir / INFO_FILE).read_text()).get("best_map")
-    except (OSError, ValueError):
-        return float("-inf")
+        return json.loads((trial_dir / INFO_FILE).read_text())
+    except (OSError, ValueError):  # none, or damaged: the trial is still a candidate
+        return {}
+
+
+def _best_map(trial_dir: Path) -> float:
+    value = _info(trial_dir).get("best_map")
     return float(value) if value is not None else float("-inf")
 
 
@@ -54,11 +58,7 @@ def resolve_init_weights(run_dir: str, backbones: list[str]) -> dict[str, dict[s
             missing.append(backbone)
             continue
         name = max(candidates, key=lambda n: _best_map(source / n))
-        info = {}
-        try:
-            info = json.loads((source / name / INFO_FILE).read_text())
-        except (OSError, ValueError):
-            pass
+        info = _info(source / name)
         chosen[backbone] = {"path": str(source / name / BEST_MAP_FILE), "trial": name,
                             "best_map": info.get("best_map"),
                             "best_map_epoch": info.get("best_map_epoch")}
@@ -90,5 +90,14 @@ def mlflow_callback(tracking_uri: str, experiment_name: str, run_dir: str):
     except ImportError as error:
         raise FollowUpError(f"--mlflow needs MLflow, which is not installed ({error}); "
                             "install it with: pip install 'crossdet_ray[mlflow]'") from error
-    return MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=experiment_name,
+
+    class EpochMetricsCallback(MLflowLoggerCallback):
+        """Tune's result repeats the trial's config; it is logged once, as params, not as a
+        metric per epoch."""
+
+        def log_trial_result(self, iteration, trial, result):
+            super().log_trial_result(iteration, trial,
+                                     {k: v for k, v in result.items() if k != "config"})
+
+    return EpochMetricsCallback(tracking_uri=tracking_uri, experiment_name=experiment_name,
                                 tags={"run_dir": run_dir})

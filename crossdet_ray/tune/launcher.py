@@ -317,6 +317,8 @@ def launch(config: LaunchConfig) -> RunOutcome:
         "keep_checkpoints": config.keep_checkpoints,
         "run_control": control_actor_name(run_storage.uri()),
         "init_weights": {b: w["path"] for b, w in init_weights.items()},
+        # The run's other flags, for the record (MLflow logs the whole config as params).
+        "flags": {k: v for k, v in config.to_dict().items() if k != "train"},
     }
     run_storage.write_text(RUN_CONFIG_FILE, dumps_json({
         **config.to_dict(),

@@ -96,7 +96,7 @@ def test_init_from_is_recorded(source_run, fine_tuned):
             info["lr"])
 
 
-def test_mlflow_holds_one_run_per_trial_with_map50_per_epoch(fine_tuned):
+def test_mlflow_holds_one_run_per_trial_with_map50_per_epoch(source_run, fine_tuned):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{fine_tuned}/mlflow.db")
@@ -111,6 +111,11 @@ def test_mlflow_holds_one_run_per_trial_with_map50_per_epoch(fine_tuned):
         assert params["trial/backbone"] == "mit_b0" and params["trial/name"] == trial
         assert float(params["trial/lr"]) == training_info(fine_tuned / trial)["lr"]
         assert params["train/epochs"] == str(EPOCHS)
+        assert params["flags/lr_grid"] == str([float(m) for m in LR_GRID])
+        assert params["flags/init_from"] == str(source_run)
+        metrics = mlflow_run.data.metrics
+        assert {"map", "map50", "avg_loss", "learning_rate"} <= set(metrics)
+        assert not [k for k in metrics if k.startswith("config/")]  # params, not metrics
         history = client.get_metric_history(mlflow_run.info.run_id, "map50")
         rows = epoch_rows(fine_tuned / trial)
         assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
