@@ -11,7 +11,7 @@ import logging
 import sys
 
 from crossdet_ray.backbones import BACKBONE_REGISTRY
-from crossdet_ray.config import BACKBONES, TrainConfig
+from crossdet_ray.config import BACKBONES, MLFLOW_DEFAULT, TrainConfig
 
 EXIT_USER_ERROR = 2
 
@@ -67,6 +67,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     seed.add_argument("--pretrained", default=None,
                       help="local SegFormer MiT ImageNet weights, loaded into both streams")
     seed.add_argument("--seed", type=int, default=defaults.seed, help="weights/shuffle seed")
+    seed.add_argument("--init-from", default=None, metavar="RUN_DIR",
+                      help="fine-tune: each backbone starts from RUN_DIR's best_map_model.pth "
+                           "(weights only; a fresh optimizer and schedule at --lr)")
+    seed.add_argument("--mlflow", nargs="?", const=MLFLOW_DEFAULT, default=None,
+                      metavar="TRACKING_URI",
+                      help="log every trial as an MLflow run (default URI: "
+                           "sqlite:///RUN_DIR/mlflow.db); needs pip install 'crossdet_ray[mlflow]'")
     checkpointed = [name for name, spec in BACKBONE_REGISTRY.items() if spec.checkpoint_on_cuda]
     speed = parser.add_argument_group("speed and memory")
     speed.add_argument("--amp", choices=("auto", "bf16", "off"), default=defaults.amp,
@@ -157,7 +164,8 @@ def config_from_args(args: argparse.Namespace):
         keep_checkpoints=args.keep_checkpoints, dashboard=not args.no_dashboard,
         dashboard_host=args.dashboard_host, autoscaling=args.autoscaling,
         synthetic_images=args.synthetic_images, synthetic_frame_size=args.synthetic_frame_size,
-        verbose=args.verbose, skip_disk_check=args.skip_disk_check, plan_only=args.plan_only, plan_for=args.plan_for,
+        verbose=args.verbose, skip_disk_check=args.skip_disk_check, plan_only=args.plan_only,
+        plan_for=args.plan_for, init_from=args.init_from, mlflow=args.mlflow,
     )
 
 

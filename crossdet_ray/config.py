@@ -13,6 +13,8 @@ from typing import Any
 from crossdet_ray.backbones import BACKBONE_NAMES
 
 BACKBONES: tuple[str, ...] = BACKBONE_NAMES  # the registry's order, smallest first
+# `--mlflow` without a tracking URI: a SQLite database in the run directory.
+MLFLOW_DEFAULT = "default"
 
 
 @dataclass
@@ -36,6 +38,9 @@ class TrainConfig:
     split_seed: int = 42
     seed: int = 0  # torch / python RNG seed for weights and shuffling
     pretrained: str | None = None  # local SegFormer MiT weights file, loaded into both streams
+    # A crossdet_ray checkpoint whose model weights a fresh training starts from (fine-tuning,
+    # --init-from); the optimizer and schedule still start anew. Set per trial by the launcher.
+    init_weights: str | None = None
     device: str = "auto"  # "auto" = CUDA when visible, else CPU
     # Speed and memory switches; "auto" turns each on only where it pays and is safe.
     amp: str = "auto"  # "auto" = bf16 autocast on CUDA, fp32 on CPU; "bf16"; "off"

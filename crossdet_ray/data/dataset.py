@@ -58,6 +58,22 @@ def split_files(files: Sequence[Item], test_size: float = 0.2,
     return train, test
 
 
+def load_frame(path: str | os.PathLike) -> torch.Tensor:
+    """One `(H, W, 5)` .npy frame as the detector's input: float32 `(5, H, W)` in [0, 1].
+
+    The one place pixels are read and scaled: training, evaluation and prediction all come
+    through here, so a frame is never normalised two ways.
+    """
+    mapped = np.load(path, mmap_mode="r")
+    scale = pixel_scale(mapped.dtype)
+    # One copy straight from the page cache into a contiguous (5, H, W) float32 array.
+    pixels = np.ascontiguousarray(mapped.transpose(2, 0, 1), dtype=np.float32)
+    del mapped  # closes the mapping
+    if scale != 1.0:
+        pixels /= np.float32(scale)  # division keeps the maximum at exactly 1.0
+    return torch.from_numpy(pixels)
+
+
 def collate_detection(batch: Sequence[tuple[torch.Tensor, Target]]
                       ) -> tuple[tuple[torch.Tensor, ...], tuple[Target, ...]]:
     """Keep images of different sizes apart: torchvision's detectors take lists."""
@@ -138,14 +154,7 @@ class NpyYoloDataset(Dataset):
         return int(height), int(width)
 
     def load_image(self, index: int) -> torch.Tensor:
-        mapped = np.load(self._images_dir / self.image_files[index], mmap_mode="r")
-        scale = pixel_scale(mapped.dtype)
-        # One copy straight from the page cache into a contiguous (5, H, W) float32 array.
-        pixels = np.ascontiguousarray(mapped.transpose(2, 0, 1), dtype=np.float32)
-        del mapped  # closes the mapping
-        if scale != 1.0:
-            pixels /= np.float32(scale)  # division keeps the maximum at exactly 1.0
-        return torch.from_numpy(pixels)
+        return load_frame(self._images_dir / self.image_files[index])
 
     def target(self, index: int) -> Target:
         start, end = self._offsets[index], self._offsets[index + 1]

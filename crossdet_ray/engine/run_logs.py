@@ -1,8 +1,8 @@
 """The reference's per-backbone files: CSV logs, training_info.json and its checkpoints.
 
-Layout under one backbone's directory (the seed's, unchanged):
-    checkpoints/epoch_XXX_loss_Y.YYYY.pth, best_model.pth, <backbone>_final.pth,
-    <backbone>_final_complete.pth
+Layout under one backbone's directory (the seed's, plus best_map_model.pth):
+    checkpoints/epoch_XXX_loss_Y.YYYY.pth, best_model.pth (lowest loss), best_map_model.pth
+    (highest test mAP), <backbone>_final.pth, <backbone>_final_complete.pth
     logs/epoch_metrics.csv, logs/batch_metrics.csv, logs/training_info.json
 Every file goes through `RunStorage`, so it is written atomically, locally or to a cloud bucket.
 
@@ -43,7 +43,7 @@ EPOCH_COLUMNS = (
     "epoch", "avg_loss", "total_loss", "epoch_time_sec", "learning_rate", "is_best",
     "checkpoint_path", "timestamp",
     "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg",
-    "images_per_sec", "map", "map50", "map75", "eval_time_sec", "peak_memory_mb",
+    "images_per_sec", "map", "map50", "map75", "eval_time_sec", "peak_memory_mb", "is_best_map",
 )
 BATCH_COLUMNS = (
     "epoch", "batch", "loss", "loss_classifier", "loss_box_reg", "loss_objectness",
@@ -54,6 +54,8 @@ PARTIAL_FILE = re.compile(r"\.tmp-[0-9a-f]{8}$")  # RunStorage's temporary names
 EPOCH_LOG = "logs/epoch_metrics.csv"
 BATCH_LOG = "logs/batch_metrics.csv"
 INFO_FILE = "logs/training_info.json"
+BEST_LOSS_FILE = "checkpoints/best_model.pth"  # the seed's: the lowest training loss
+BEST_MAP_FILE = "checkpoints/best_map_model.pth"  # ours: the highest test mAP
 
 # What `report` receives with a committed epoch: the checkpoint's relative path and the
 # epoch's log entry {"epoch", "epoch_row", "batch_rows"}, so whoever is told of the checkpoint
@@ -223,11 +225,18 @@ class SeedLogWriter:
         })
         if start_epoch > 1:
             self.info["resumed_at_epochs"].append(start_epoch)
+        if info.get("init_from"):
+            # On resume the weights are not loaded again, so the first attempt's record of
+            # the source epoch stays.
+            self.info["init_from"] = {**info["init_from"], **{
+                k: v for k, v in (previous.get("init_from") or {}).items()
+                if info["init_from"].get(k) is None}}
         for name in self.storage.list_files("checkpoints"):
             match = EPOCH_FILE.match(name)
             # Epochs past the resume point, and temporaries of a write a crash cut short.
             if (match and int(match.group(1)) >= start_epoch) or PARTIAL_FILE.search(name):
                 self.storage.delete(f"checkpoints/{name}")
+        self._relink_best_map(info.get("best_map_epoch", 0), start_epoch)
         with self._files_lock:
             self._write_csvs()
             self._write_info()
@@ -254,14 +263,17 @@ class SeedLogWriter:
             "best_loss": metrics.best_loss,
             "epoch_losses": list(checkpoint["history"]["epoch_losses"]),
             "epoch_times": list(checkpoint["history"]["epoch_times"]),
-            "best_model_path": self.storage.uri("checkpoints/best_model.pth"),
+            "best_model_path": self.storage.uri(BEST_LOSS_FILE),
+            "best_map_epoch": metrics.best_map_epoch, "best_map": metrics.best_map,
         }
+        if metrics.best_map_epoch:
+            info["best_map_model_path"] = self.storage.uri(BEST_MAP_FILE)
         with self._submit_lock:
             if self._closed:  # a stop was asked for: this epoch is not committed
                 raise TrainingStopped(f"{self.backbone}: stopped before epoch {metrics.epoch} "
                                       "was saved; it will be trained again on --resume")
             self._writes.submit(self._commit_epoch, snapshot(checkpoint), name,
-                                metrics.is_best, entry, info, report)
+                                metrics.is_best, entry, info, report, metrics.is_best_map)
 
     def on_train_end(self, summary: TrainingSummary, checkpoint: dict[str, Any]) -> None:
         self.wait_for_checkpoints()
@@ -280,7 +292,9 @@ class SeedLogWriter:
                 "status": "completed", "train_finished_at": time.time(),
                 "final_model_path": self.storage.uri(final),
                 "final_complete_path": self.storage.uri(complete),
-                "best_model_path": self.storage.uri("checkpoints/best_model.pth"),
+                "best_model_path": self.storage.uri(BEST_LOSS_FILE),
+                **({"best_map_model_path": self.storage.uri(BEST_MAP_FILE)}
+                   if summary.best_map_epoch else {}),
                 **{k: v for k, v in summary.as_dict().items() if k != "history"},
                 "epoch_losses": summary.history.get("epoch_losses", []),
                 "epoch_times": summary.history.get("epoch_times", []),
@@ -333,10 +347,14 @@ class SeedLogWriter:
 
     def _commit_epoch(self, checkpoint: dict[str, Any], name: str, is_best: bool,
                       entry: dict[str, Any], info: dict[str, Any],
-                      report: ReportEpoch | None) -> None:
+                      report: ReportEpoch | None, is_best_map: bool = False) -> None:
         self.storage.save_torch(checkpoint, name)
+        # Second names of the epoch file (hard links on local disks), made before the epoch
+        # is announced, like the file itself; pruning never touches them.
         if is_best:
-            self.storage.copy(name, "checkpoints/best_model.pth")
+            self.storage.copy(name, BEST_LOSS_FILE)
+        if is_best_map:
+            self.storage.copy(name, BEST_MAP_FILE)
         try:
             if report is not None:
                 report(name, entry)
@@ -356,6 +374,21 @@ class SeedLogWriter:
             self.info.update(info)
             self._write_csvs()
             self._write_info()
+
+    def _relink_best_map(self, best_map_epoch: int, start_epoch: int) -> None:
+        """On resume, point best_map_model.pth back at the resumed checkpoint's best-mAP epoch.
+
+        A crash after an epoch became best_map_model.pth but before it was announced leaves
+        the name on an epoch that is now trained again: it goes back to the safe epoch's file
+        when that file is still there (it may have been pruned, and then the name is kept).
+        """
+        if start_epoch <= 1:
+            if self.storage.exists(BEST_MAP_FILE):  # nothing safe yet: any such file is stale
+                self.storage.delete(BEST_MAP_FILE)
+            return
+        files = epoch_files(self.storage)
+        if best_map_epoch in files:
+            self.storage.copy(f"checkpoints/{files[best_map_epoch]}", BEST_MAP_FILE)
 
     def _read_previous_info(self) -> dict[str, Any]:
         try:

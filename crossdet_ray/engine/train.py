@@ -22,7 +22,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from crossdet_ray.backbones import get_backbone
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.data import NpyYoloDataset, collate_detection
-from crossdet_ray.engine.checkpoint import build_checkpoint, validate_checkpoint
+from crossdet_ray.engine.checkpoint import (
+    CheckpointError,
+    build_checkpoint,
+    load_checkpoint,
+    validate_checkpoint,
+)
 from crossdet_ray.engine.evaluate import evaluate_coco, measure_inference
 from crossdet_ray.engine.parallel import WorkerGroup, single_process
 from crossdet_ray.models import build_detector, count_parameters
@@ -74,6 +79,10 @@ class EpochMetrics:
     best_epoch: int
     best_loss: float
     timestamp: str
+    # The highest test mAP so far and its epoch (0 and None before any evaluation).
+    is_best_map: bool = False
+    best_map_epoch: int = 0
+    best_map: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,6 +108,10 @@ class TrainingSummary:
     fps: float
     total_time_sec: float
     history: dict[str, list] = field(default_factory=dict)
+    best_map_epoch: int = 0  # the epoch of the highest test mAP (0: never evaluated)
+    best_map: float | None = None
+    best_map50: float | None = None  # mAP50 and mAP75 of that epoch
+    best_map75: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -304,6 +317,9 @@ def fit(
 ) -> TrainingSummary:
     """Train `backbone` for `config.epochs` epochs, resuming after `resume_from` when given.
 
+    Without `resume_from`, training starts from `config.init_weights` when it names a
+    checkpoint (weights only: the optimizer and schedule start afresh with `config.lr`).
+
     `group`: this process is one of several data-parallel workers (see engine/parallel.py).
     Every worker resumes from the same checkpoint and trains on its share of each global
     batch; only the main worker evaluates and tells `listener` anything beyond batch ends
@@ -325,6 +341,12 @@ def fit(
                                 "images_per_sec": [], "map": [], "map50": [], "map75": [],
                                 "elapsed_sec": []}
     start_epoch, best_loss, best_epoch = 1, math.inf, 0
+    best_map_epoch, best_map = 0, None
+    # Where the weights came from: recorded even on resume, when they are not loaded again.
+    init_from = {"path": config.init_weights, "epoch": None} if config.init_weights else None
+    if resume_from is None and config.init_weights:
+        source = load_initial_weights(model, backbone, config.init_weights)
+        init_from["epoch"] = source.get("epoch")
     if resume_from is not None:
         checkpoint = validate_checkpoint(resume_from, "the resume checkpoint")
         if checkpoint["backbone"] != backbone:
@@ -335,6 +357,7 @@ def fit(
         start_epoch = int(checkpoint["epoch"]) + 1
         best_loss, best_epoch = float(checkpoint["best_loss"]), int(checkpoint["best_epoch"])
         history.update({k: list(v) for k, v in checkpoint.get("history", {}).items()})
+        best_map_epoch, best_map = best_map_of(history["map"])
         if len(history["elapsed_sec"]) != len(history["epoch_losses"]):
             # A checkpoint from before elapsed_sec (or the reference's): its epochs' own times.
             history["elapsed_sec"] = list(itertools.accumulate(history["epoch_times"]))
@@ -350,7 +373,8 @@ def fit(
         "activation_checkpointing": bool(getattr(getattr(getattr(
             model, "backbone", None), "encoder", None), "activation_checkpointing", False)),
         "train_images": len(train_set), "test_images": len(test_set),
-        "start_epoch": start_epoch, "started_at": run_started_at,
+        "start_epoch": start_epoch, "started_at": run_started_at, "init_from": init_from,
+        "best_map_epoch": best_map_epoch,
     })
 
     generator = torch.Generator()
@@ -391,6 +415,10 @@ def fit(
         is_best = avg_loss < best_loss
         if is_best:
             best_loss, best_epoch = avg_loss, epoch
+        # The first epoch reaching the highest mAP; a later tie does not move it.
+        is_best_map = metrics is not None and (best_map is None or metrics.map > best_map)
+        if is_best_map:
+            best_map, best_map_epoch = metrics.map, epoch
         images_per_sec = sums["images"] / epoch_time if epoch_time > 0 else 0.0
         for key, value in (("epoch_losses", avg_loss), ("epoch_times", epoch_time),
                            ("learning_rates", learning_rate), ("images_per_sec", images_per_sec),
@@ -408,7 +436,8 @@ def fit(
             map=metrics.map if metrics else None, map50=metrics.map50 if metrics else None,
             map75=metrics.map75 if metrics else None, eval_time_sec=eval_time,
             peak_memory_mb=peak_memory_mb(device), best_epoch=best_epoch, best_loss=best_loss,
-            timestamp=_now(),
+            timestamp=_now(), is_best_map=is_best_map, best_map_epoch=best_map_epoch,
+            best_map=best_map,
         )
         if not group.is_main:
             continue
@@ -435,8 +464,10 @@ def fit(
     epochs_done = len(history["epoch_losses"])
     best_index = best_epoch - 1 if 0 < best_epoch <= epochs_done else None
 
-    def at_best(key):
-        return history[key][best_index] if best_index is not None else None
+    def at_best(key, index=best_index):
+        return history[key][index] if index is not None else None
+
+    best_map_index = best_map_epoch - 1 if 0 < best_map_epoch <= epochs_done else None
 
     speeds = [v for v in history["images_per_sec"] if v]
     summary = TrainingSummary(
@@ -447,9 +478,36 @@ def fit(
         train_images_per_sec=sum(speeds) / len(speeds) if speeds else 0.0,
         infer_ms_per_image=timing.infer_ms_per_image, fps=timing.fps,
         total_time_sec=elapsed_before + time.perf_counter() - run_start, history=history,
+        best_map_epoch=best_map_epoch, best_map=best_map,
+        best_map50=at_best("map50", best_map_index), best_map75=at_best("map75", best_map_index),
     )
     listener.on_train_end(summary, checkpoint)
     return summary
+
+
+def best_map_of(maps: list[float | None]) -> tuple[int, float | None]:
+    """(epoch, mAP) of the first epoch with the highest mAP in a history; (0, None) if none."""
+    best_epoch, best = 0, None
+    for epoch, value in enumerate(maps, start=1):
+        if value is not None and (best is None or value > best):
+            best_epoch, best = epoch, value
+    return best_epoch, best
+
+
+def load_initial_weights(model: torch.nn.Module, backbone: str, path: str) -> dict[str, Any]:
+    """Load another run's weights into `model` (strictly: same backbone, same classes)."""
+    checkpoint = load_checkpoint(path)
+    source_backbone = checkpoint.get("backbone")
+    if source_backbone is not None and source_backbone != backbone:
+        raise CheckpointError(f"--init-from: {path} holds {source_backbone}, not {backbone}")
+    try:
+        model.load_state_dict(checkpoint["model_state_dict"])
+    except RuntimeError as error:
+        raise CheckpointError(f"--init-from: {path} does not fit {backbone} on this dataset "
+                              f"(another class count?): {str(error).splitlines()[0]}") from error
+    logger.info("%s: starting from the weights of %s (epoch %s)", backbone, path,
+                checkpoint.get("epoch"))
+    return checkpoint
 
 
 def _worker_summary(backbone, num_classes, num_parameters, device, history, best_epoch,

@@ -58,6 +58,12 @@ from crossdet_ray.tune.planner import (
     plan_trials,
 )
 from crossdet_ray.tune.progress import TrialLinesReporter
+from crossdet_ray.tune.follow_up import (
+    FollowUpError,
+    mlflow_callback,
+    mlflow_tracking_uri,
+    resolve_init_weights,
+)
 from crossdet_ray.tune.reporter import read_checkpoint_pointer
 from crossdet_ray.tune.run_control import (
     RunControlCallback,
@@ -72,6 +78,7 @@ logger = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.json"
 PLAN_FILE = "plan.json"
+MLFLOW_EXPERIMENT = "crossdet_ray"  # every run's trials, told apart by their run_dir tag
 
 
 class LaunchError(ValueError):
@@ -104,6 +111,8 @@ class LaunchConfig:
     plan_only: bool = False  # print and write the plan, train nothing
     plan_for: str | None = None  # plan for a cluster we do not have: "8x80", "2x4x80"
     plan: dict[str, Any] | None = None  # the plan this run trains by (kept in run_config.json)
+    init_from: str | None = None  # a run directory: each backbone starts from its best_map_model
+    mlflow: str | None = None  # a tracking URI, or follow_up.MLFLOW_DEFAULT (sqlite in the run)
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -368,6 +377,7 @@ def launch(config: LaunchConfig) -> RunOutcome:
         return _resume(config)
     validate(config)
     config.name = config.name or default_run_name()
+    init_weights, tracking_uri = _follow_up(config)
     # The preflight comes before Ray starts, so bad data fails fast with nothing started
     # (overlapping the two would save at most its 1.6 s per 10,000 frames).
     data = resolve_data(config)
@@ -401,6 +411,9 @@ def launch(config: LaunchConfig) -> RunOutcome:
         "resources": {b: dataclasses.asdict(r) for b, r in plan.items()},
         "keep_checkpoints": config.keep_checkpoints,
         "run_control": control_actor_name(run_storage.uri()),
+        "init_weights": {b: w["path"] for b, w in init_weights.items()},
+        # The run's other flags, for the record (MLflow logs the whole config as params).
+        "flags": {k: v for k, v in config.to_dict().items() if k != "train"},
     }
     run_storage.write_text(RUN_CONFIG_FILE, dumps_json({
         **config.to_dict(),
@@ -409,6 +422,8 @@ def launch(config: LaunchConfig) -> RunOutcome:
         "data": data,
         "cluster": dataclasses.asdict(shape),
         "run_control": param_space["run_control"],
+        "init_weights": init_weights,
+        "mlflow_tracking_uri": tracking_uri,
         "ray_version": ray.__version__, "torch_version": torch.__version__,
         "started": datetime.now().isoformat(timespec="seconds"),
     }))
@@ -427,7 +442,8 @@ def launch(config: LaunchConfig) -> RunOutcome:
             storage_filesystem=run_storage.filesystem, verbose=config.verbose,
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[control, FailureRecorder(run_storage, config.train.to_dict())],
+            callbacks=[control, FailureRecorder(run_storage, config.train.to_dict()),
+                       *_mlflow_callbacks(tracking_uri, run_storage)],
             progress_reporter=progress_reporter(config, data, run_storage)),
     )
     return _fit_and_summarise(tuner, config, run_storage, dashboard_url, control)
@@ -476,6 +492,31 @@ def _write_plan_only(config: LaunchConfig, plan: Plan) -> RunOutcome:
                       interrupted=False, dashboard_url=None, plan_only=True)
 
 
+def _follow_up(config: LaunchConfig) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """--init-from's weights per backbone and --mlflow's tracking URI, checked before Ray
+    starts (a missing MLflow, a source run without a backbone's best_map_model.pth)."""
+    try:
+        init_weights = (resolve_init_weights(config.init_from, config.train.backbones)
+                        if config.init_from else {})
+        if config.mlflow is None:
+            return init_weights, None
+        run_storage = RunStorage.from_uri(config.train.log_dir).child(config.name)
+        mlflow_callback("", "", "")  # imports MLflow: raises FollowUpError when it is missing
+        return init_weights, mlflow_tracking_uri(config.mlflow, run_storage.uri(),
+                                                 run_storage.is_local)
+    except FollowUpError as error:
+        raise LaunchError(str(error)) from error
+
+
+def _mlflow_callbacks(tracking_uri: str | None, run_storage: RunStorage) -> list:
+    if tracking_uri is None:
+        return []
+    try:
+        return [mlflow_callback(tracking_uri, MLFLOW_EXPERIMENT, run_storage.uri())]
+    except FollowUpError as error:
+        raise LaunchError(str(error)) from error
+
+
 def _scheduler(config: LaunchConfig):
     """ASHA's rungs lie strictly before the last epoch, and it never stops a trial at max_t:
     a stop at the last epoch's report would end the trial before it writes its final files,
@@ -519,7 +560,9 @@ def _resume(config: LaunchConfig) -> RunOutcome:
         run_config = tuner._local_tuner.get_run_config()
         run_config.callbacks = [c for c in (run_config.callbacks or [])
                                 if type(c) is not tune.Callback] + [
-            control, FailureRecorder(run_storage, original.train.to_dict())]
+            control, FailureRecorder(run_storage, original.train.to_dict()),
+            # MLflow's logger does not survive pickling: a resumed trial gets a new MLflow run.
+            *_mlflow_callbacks(saved.get("mlflow_tracking_uri"), run_storage)]
         run_config.progress_reporter = progress_reporter(original, saved.get("data", {}),
                                                          run_storage)
     return _fit_and_summarise(tuner, original, run_storage, dashboard_url, control)

@@ -40,9 +40,10 @@ logger = logging.getLogger(__name__)
 SUMMARY_COLUMNS = (
     "trial", "backbone", "lr", "status", "error", "failure_kind", "failure_reason", "params",
     "epochs_completed", "best_epoch", "best_loss", "final_loss", "map", "map50", "map75",
-    "train_images_per_sec", "infer_ms_per_image", "fps", "total_time_sec", "predicted_hours",
-    "measured_hours", "device", "node",
-    "node_id", "resources", "best_model_path", "final_model_path", "final_complete_path",
+    "best_map_epoch", "best_map", "best_map50", "best_map75", "train_images_per_sec",
+    "infer_ms_per_image", "fps", "total_time_sec", "predicted_hours", "measured_hours",
+    "device", "node", "node_id", "resources", "best_model_path", "best_map_model_path",
+    "final_model_path", "final_complete_path",
 )
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -176,11 +177,13 @@ def _trial_row(run_storage: RunStorage, spec: dict[str, Any], verdict: TrialVerd
         failure = classify_failure(info.get("error"), verdict.error, verdict.error_text,
                                    train=train)
 
-    best = {}
-    if epochs is not None and len(epochs) and info.get("best_epoch"):
-        match = epochs[epochs["epoch"] == info["best_epoch"]]
-        if len(match):
-            best = match.iloc[0].to_dict()
+    best = _epoch_row(epochs, info.get("best_epoch"))
+    # The highest test mAP, from the rows themselves: they are the committed epochs, which a
+    # trial killed before its training_info.json caught up may hold more of.
+    best_map_epoch = None
+    if epochs is not None and len(epochs) and "map" in epochs and epochs["map"].notna().any():
+        best_map_epoch = int(epochs.loc[epochs["map"].idxmax(), "epoch"])
+    best_map = _epoch_row(epochs, best_map_epoch)
     speeds = epochs["images_per_sec"].dropna() if epochs is not None and len(epochs) else []
     row = {
         "trial": spec["name"], "backbone": spec["backbone"], "lr": spec["lr"], "status": status,
@@ -194,6 +197,10 @@ def _trial_row(run_storage: RunStorage, spec: dict[str, Any], verdict: TrialVerd
         "final_loss": float(epochs["avg_loss"].iloc[-1]) if epochs is not None and len(epochs) else None,
         "map": _number(best.get("map")), "map50": _number(best.get("map50")),
         "map75": _number(best.get("map75")),
+        # Each trial's best-accuracy epoch: what the accuracy ranking compares.
+        "best_map_epoch": best_map_epoch, "best_map": _number(best_map.get("map")),
+        "best_map50": _number(best_map.get("map50")),
+        "best_map75": _number(best_map.get("map75")),
         "train_images_per_sec": info.get("train_images_per_sec",
                                          float(speeds.mean()) if len(speeds) else None),
         "infer_ms_per_image": info.get("infer_ms_per_image"), "fps": info.get("fps"),
@@ -206,6 +213,7 @@ def _trial_row(run_storage: RunStorage, spec: dict[str, Any], verdict: TrialVerd
         "node_id": info.get("node_id"), "attempts_resumed_at": info.get("resumed_at_epochs", []),
         "resources": info.get("resources"),
         "best_model_path": info.get("best_model_path"),
+        "best_map_model_path": info.get("best_map_model_path"),
         "final_model_path": info.get("final_model_path"),
         "final_complete_path": info.get("final_complete_path"),
     }
@@ -220,6 +228,13 @@ def planned_hours(run_config: dict[str, Any]) -> dict[str, float]:
     """Each trial's predicted hours from the plan run_config.json keeps (none: no plan)."""
     plan = run_config.get("plan") or {}
     return {t["trial"]: t["predicted_hours"] for t in plan.get("trials", [])}
+
+
+def _epoch_row(epochs: pd.DataFrame | None, epoch: int | None) -> dict[str, Any]:
+    if epochs is None or not len(epochs) or not epoch:
+        return {}
+    match = epochs[epochs["epoch"] == epoch]
+    return match.iloc[0].to_dict() if len(match) else {}
 
 
 def _number(value: Any) -> float | None:
@@ -266,7 +281,7 @@ def rankings(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
         scored = [r for r in rows if r.get(key) is not None]
         return [r["trial"] for r in sorted(scored, key=lambda r: r[key], reverse=reverse)]
 
-    return {"accuracy_map": ranked("map", True),
+    return {"accuracy_map": ranked("best_map", True),
             "training_speed_images_per_sec": ranked("train_images_per_sec", True),
             "inference_ms_per_image": ranked("infer_ms_per_image", False)}
 
@@ -284,26 +299,32 @@ def _ranking_line(order: list[str], rows: list[dict[str, Any]], key: str, digits
 
 
 def best_lr_per_backbone(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The LR whose trial reached the highest mAP (the lowest loss where mAP is missing)."""
+    """The LR whose trial reached the highest mAP at any epoch (the lowest loss where mAP is
+    missing)."""
     best: dict[str, dict[str, Any]] = {}
     for row in rows:
         if row["status"] not in ("completed", "stopped"):
             continue
-        key = (row["map"] if row["map"] is not None else -1.0,
+        key = (row["best_map"] if row.get("best_map") is not None else -1.0,
                -(row["best_loss"] if row["best_loss"] is not None else float("inf")))
         current = best.get(row["backbone"])
         if current is None or key > current["_key"]:
-            best[row["backbone"]] = {"lr": row["lr"], "trial": row["trial"], "map": row["map"],
+            best[row["backbone"]] = {"lr": row["lr"], "trial": row["trial"],
+                                     "map": row.get("best_map"),
+                                     "best_map_epoch": row.get("best_map_epoch"),
                                      "best_loss": row["best_loss"], "_key": key}
     return {b: {k: v for k, v in entry.items() if k != "_key"} for b, entry in best.items()}
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    headers = ("trial", "status", "params", "epochs", "best loss", "mAP", "mAP50", "img/s train",
-               "ms/img infer", "device", "node")
+    # Both bests with their epochs: the seed's lowest loss (best_model.pth) and the highest
+    # test mAP (best_map_model.pth), with that epoch's mAP50.
+    headers = ("trial", "status", "params", "epochs", "best loss (ep)", "best mAP (ep)",
+               "mAP50 (best mAP ep)", "img/s train", "ms/img infer", "device", "node")
     table = [
         (r["trial"], r["status"], f"{r['params'] / 1e6:.1f}M" if r["params"] else "-",
-         r["epochs_completed"], _fmt(r["best_loss"]), _fmt(r["map"]), _fmt(r["map50"]),
+         r["epochs_completed"], _with_epoch(r["best_loss"], r.get("best_epoch")),
+         _with_epoch(r.get("best_map"), r.get("best_map_epoch")), _fmt(r.get("best_map50")),
          _fmt(r["train_images_per_sec"], 2), _fmt(r["infer_ms_per_image"], 1),
          r["device"] or "-", r["node"] or "-")
         for r in summary["results"]
@@ -311,13 +332,13 @@ def format_table(summary: dict[str, Any]) -> str:
     lines = [tabulate(table, headers=headers, tablefmt="github"), ""]
     ranks = summary["rankings"]
     rows = summary["results"]
-    lines.append("Accuracy ranking (mAP):   "
-                 + _ranking_line(ranks["accuracy_map"], rows, "map", digits=3))
+    lines.append("Accuracy ranking (best test mAP, each trial at its best-mAP epoch): "
+                 + _ranking_line(ranks["accuracy_map"], rows, "best_map", digits=3))
     lines.append("Speed ranking (train img/s): "
                  + _ranking_line(ranks["training_speed_images_per_sec"], rows,
                                  "train_images_per_sec", digits=2))
     for backbone, best in summary.get("best_lr_per_backbone", {}).items():
-        lines.append(f"Best LR for {backbone}: {best['lr']:g} ({best['trial']})")
+        lines.append(f"Best LR for {backbone}: {best['lr']:g} ({best['trial']}, by best mAP)")
     lines.append(f"{summary['num_succeeded']} of {summary['num_trials']} trials succeeded, "
                  f"{summary['num_failed']} failed; wall time {summary['total_wall_time_sec']:.1f}s")
     for row in summary["results"]:
@@ -333,6 +354,10 @@ def failed_line(row: dict[str, Any]) -> str:
     reason = row.get("failure_reason") or row.get("error") or "failed"
     advice = row.get("advice")
     return f"FAILED {row['trial']}: {reason}" + (f" \u2014 {advice}" if advice else "")
+
+
+def _with_epoch(value: Any, epoch: Any) -> str:
+    return "-" if value is None else f"{value:.4f} ({epoch})"
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

@@ -94,7 +94,9 @@ def train_backbone(config: dict[str, Any]) -> None:
     """Ray Tune function trainable; `config` is built by `crossdet_ray.tune.launcher`."""
     entered_at = time.time()
     trial = config["trial"]
-    train_config = TrainConfig.from_dict(config["train"]).replace(lr=trial["lr"])
+    # --init-from: the source run's best_map_model.pth for this backbone (none: fresh weights).
+    train_config = TrainConfig.from_dict(config["train"]).replace(
+        lr=trial["lr"], init_weights=(config.get("init_weights") or {}).get(trial["backbone"]))
     resources = TrialResources(**config["resources"][trial["backbone"]])
 
     storage = tune.get_context().get_storage()

@@ -163,9 +163,9 @@ def test_seed_layout_written_by_log_writer(two_epoch_run, tmp_path):
 
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     epoch2 = f"epoch_002_loss_{recorder.epochs[1].avg_loss:.4f}.pth"
-    # keep_checkpoints=1: only the newest epoch file, plus best and final.
-    assert checkpoints == sorted([epoch2, "best_model.pth", "mit_b0_final.pth",
-                                  "mit_b0_final_complete.pth"])
+    # keep_checkpoints=1: only the newest epoch file, plus the two bests and final.
+    assert checkpoints == sorted([epoch2, "best_model.pth", "best_map_model.pth",
+                                  "mit_b0_final.pth", "mit_b0_final_complete.pth"])
     assert not list(tmp_path.rglob("*.tmp-*"))
     final = torch.load(tmp_path / "checkpoints" / "mit_b0_final.pth", weights_only=True)
     assert "backbone.encoder.patch_embed1.proj.weight" in final

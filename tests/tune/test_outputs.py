@@ -62,7 +62,7 @@ def _float(text: str) -> float | None:
 
 
 def _csv_numbers(row: dict[str, str], column: str) -> float | None:
-    if column == "is_best":
+    if column in ("is_best", "is_best_map"):
         return {"True": 1.0, "False": 0.0}[row[column]]
     return _float(row[column])
 
@@ -119,7 +119,8 @@ def test_run_directory_has_the_seed_layout_and_tune_state(finished_run):
         epoch_files = [f for f in files if f.startswith("epoch_")]
         assert len(epoch_files) == 1 and epoch_files[0].startswith("epoch_002_loss_")
         assert sorted(set(files) - set(epoch_files)) == sorted(
-            ["best_model.pth", f"{backbone}_final.pth", f"{backbone}_final_complete.pth"])
+            ["best_model.pth", "best_map_model.pth", f"{backbone}_final.pth",
+             f"{backbone}_final_complete.pth"])
         rows = epoch_rows(trial)
         assert list(rows[0]) == list(EPOCH_COLUMNS)
         assert list(rows[0])[:8] == SEED_EPOCH_COLUMNS
@@ -134,6 +135,9 @@ def test_run_directory_has_the_seed_layout_and_tune_state(finished_run):
         model = build_detector(backbone, num_classes=2)
         model.load_state_dict(checkpoint["model_state_dict"])
         assert checkpoint["epoch"] == info["best_epoch"]
+        # The highest-mAP epoch's second name survives --keep-checkpoints 1.
+        best_map = torch.load(trial / "checkpoints" / "best_map_model.pth", weights_only=True)
+        assert best_map["epoch"] == info["best_map_epoch"] >= 1
         assert sum(p.numel() for p in model.parameters()) == info["model_parameters"]
     # Tune's own tools read the same directory.
     results = tune.ExperimentAnalysis(str(run_dir))
@@ -211,8 +215,14 @@ def test_summary_tables_agree_with_each_trials_files(finished_run):
         assert row["final_loss"] == losses[-1]
         for column in ("map", "map50", "map75"):
             assert row[column] == _float(best_row[column]), column
+        maps = [_float(r["map"]) for r in rows]
+        best_map_epoch = maps.index(max(maps)) + 1  # the first epoch at the highest mAP
+        assert row["best_map_epoch"] == info["best_map_epoch"] == best_map_epoch
+        for column in ("map", "map50", "map75"):
+            assert row[f"best_{column}"] == _float(rows[best_map_epoch - 1][column]), column
         for key in ("train_images_per_sec", "infer_ms_per_image", "fps", "total_time_sec",
-                    "device", "node", "node_id", "best_model_path", "final_model_path",
+                    "device", "node", "node_id", "best_model_path", "best_map_model_path",
+                    "final_model_path",
                     "final_complete_path"):
             assert row[key] == info[key], key
         assert json.loads(row["resources"]) == info["resources"] == {"cpu": 1.0, "gpu": 0.0,

@@ -1,0 +1,157 @@
+"""Run a trained checkpoint on new frames: COCO-format detections and a drawing per frame.
+
+Frames are read by the dataset's own `load_frame` (the same scaling as in training) and the
+detector's own transform resizes and normalises them with the checkpoint's min/max size, so
+prediction sees exactly what evaluation saw. Boxes come back in the original frame's pixels
+(torchvision's postprocess undoes the resize).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crossdet_ray.config import TrainConfig
+from crossdet_ray.data import load_frame
+from crossdet_ray.data.npy_header import read_npy_header
+from crossdet_ray.engine.checkpoint import CheckpointError, load_checkpoint
+from crossdet_ray.models import build_detector
+
+logger = logging.getLogger(__name__)
+
+CLASS_WEIGHT = "roi_heads.box_predictor.cls_score.weight"  # (num_classes + background, ...)
+
+
+class PredictError(ValueError):
+    """A user mistake: no checkpoint, not a detector checkpoint, no frames."""
+
+
+@dataclass
+class PredictConfig:
+    checkpoint: str
+    input: str
+    out: str
+    score_threshold: float = 0.05  # detections kept in detections.json
+    draw_threshold: float = 0.5  # detections drawn on the pictures
+    min_size: int | None = None  # None: the checkpoint's training config
+    max_size: int | None = None
+    device: str = "auto"
+    draw: bool = True
+
+
+def load_detector(path: str | Path, device: torch.device, min_size: int | None = None,
+                  max_size: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The detector of a crossdet_ray (or CrossAttentionDet) checkpoint, in eval mode, and
+    what it was built from: {"backbone", "num_classes", "min_size", "max_size", "epoch"}."""
+    try:
+        checkpoint = load_checkpoint(path)  # weights_only=True, every key checked
+    except CheckpointError as error:
+        raise PredictError(f"{error}; pass a full checkpoint: best_map_model.pth, "
+                           "best_model.pth or an epoch file (a weights-only *_final.pth does "
+                           "not name its backbone)") from error
+    state = checkpoint["model_state_dict"]
+    config = {**TrainConfig().to_dict(), **(checkpoint.get("config") or {})}
+    built = {
+        "backbone": checkpoint["backbone"],
+        # The head's own shape: reference checkpoints do not store the class count.
+        "num_classes": int(state[CLASS_WEIGHT].shape[0]),
+        "min_size": int(min_size or config["min_size"]),
+        "max_size": int(max_size or config["max_size"]),
+        "epoch": checkpoint.get("epoch"),
+    }
+    model = build_detector(built["backbone"], num_classes=built["num_classes"],
+                           min_size=built["min_size"], max_size=built["max_size"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit {built['backbone']}: "
+                              f"{str(error).splitlines()[0]}") from error
+    return model.to(device).eval(), built
+
+
+def frame_files(input_path: str | Path) -> list[Path]:
+    """The .npy frames named by INPUT: one file, or every .npy in a folder (sorted)."""
+    path = Path(input_path)
+    if path.is_file():
+        if path.suffix != ".npy":
+            raise PredictError(f"{path} is not a .npy frame")
+        return [path]
+    if path.is_dir():
+        files = sorted(path.glob("*.npy"))
+        if not files:
+            raise PredictError(f"{path} holds no .npy frames")
+        return files
+    raise PredictError(f"{path} does not exist; pass a .npy frame or a folder of them")
+
+
+def coco_detections(image_id: str, output: dict[str, torch.Tensor],
+                    score_threshold: float) -> list[dict[str, Any]]:
+    """COCO results entries of one frame: bbox [x, y, width, height] in its pixels."""
+    entries = []
+    for box, label, score in zip(output["boxes"].tolist(), output["labels"].tolist(),
+                                 output["scores"].tolist()):
+        if score < score_threshold:
+            continue
+        x1, y1, x2, y2 = box
+        entries.append({"image_id": image_id, "category_id": int(label),
+                        "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+    return entries
+
+
+@torch.no_grad()
+def predict_frames(model: torch.nn.Module, files: list[Path], device: torch.device
+                   ) -> list[tuple[Path, torch.Tensor, dict[str, torch.Tensor]]]:
+    """(file, frame as the model saw it, its raw output on the CPU) per frame, one at a time
+    (frames may differ in size)."""
+    results = []
+    for path in files:
+        read_npy_header(path)  # a DatasetError naming the file when it is not a frame
+        frame = load_frame(path)
+        output = model([frame.to(device)])[0]
+        results.append((path, frame, {k: v.float().cpu() if k != "labels" else v.cpu()
+                                      for k, v in output.items()}))
+    return results
+
+
+def predict(config: PredictConfig) -> dict[str, Any]:
+    """Write OUT/detections.json (and OUT/drawings/<stem>.png); return a short report."""
+    from crossdet_ray.engine.train import select_device
+
+    files = frame_files(config.input)
+    device = select_device(config.device)
+    model, built = load_detector(config.checkpoint, device, config.min_size, config.max_size)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    detections = []
+    drawn = []
+    for path, frame, output in predict_frames(model, files, device):
+        detections += coco_detections(path.stem, output, config.score_threshold)
+        if config.draw:
+            from crossdet_ray.engine.drawing import draw_frame
+
+            keep = output["scores"] >= config.draw_threshold
+            target = out / "drawings" / f"{path.stem}.png"
+            draw_frame(frame, {k: v[keep] for k, v in output.items()}, target,
+                       title=f"{path.name}: {built['backbone']}, score >= "
+                             f"{config.draw_threshold:g}")
+            drawn.append(str(target))
+    _write_json(out / "detections.json", detections)
+    logger.info("%d detections (score >= %g) on %d frames written to %s", len(detections),
+                config.score_threshold, len(files), out / "detections.json")
+    return {"frames": len(files), "detections": len(detections), "drawings": drawn,
+            "detections_path": str(out / "detections.json"), "model": built}
+
+
+def _write_json(path: Path, value: Any) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value))
+    temporary.replace(path)  # atomic: a reader never sees half a file
+
+
+__all__ = ["PredictConfig", "PredictError", "coco_detections", "frame_files",
+           "load_detector", "predict", "predict_frames"]
