@@ -190,11 +190,13 @@ def _row(plan: EvaluationPlan, trial: TrialSource, result: dict[str, Any],
                 "checkpoint": trial.checkpoint, "epoch": trial.epoch})
     if "metrics" in result:
         row.update(result["metrics"])
-        row.update({k: result[k] for k in ("params", "model_size_mb", "device", "frames")})
+        row.update({k: result[k] for k in ("params", "model_size_mb", "device", "frames",
+                                           "resources", "accuracy_window")})
         if result.get("epoch") is not None:
             row["epoch"] = result["epoch"]
     if timed:
-        row.update({k: timed[k] for k in ("infer_ms_per_image", "fps", "peak_memory_mb")})
+        row.update({k: timed[k] for k in ("infer_ms_per_image", "fps", "peak_memory_mb",
+                                          "timing_window")})
     row["error"] = result.get("error")
     row["status"] = "failed" if row["error"] else "ok"
     return row
@@ -293,6 +295,7 @@ def write_outputs(plan: EvaluationPlan, accuracy: dict[str, dict[str, Any]],
         "checkpoint": plan.checkpoint_choice, "min_size": plan.min_size,
         "max_size": plan.max_size, "trials": rows, "choice": choice,
         "per_class_ap": per_class, "detections": drawings,
+        "frame_errors": {name: result["frame_errors"] for name, result in ok.items()},
         "plan": {k: v for k, v in dataclasses.asdict(plan).items() if k != "trials"},
     }
     out.write_text("results.json", dumps_json(summary))

@@ -7,7 +7,7 @@ access to the worker's disk.
 
 from __future__ import annotations
 
-import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ from crossdet_ray.engine.evaluate import measure_inference
 from crossdet_ray.engine.inference import coco_results, detect, frame_errors, load_detector
 from crossdet_ray.engine.train import peak_memory_mb
 
-logger = logging.getLogger(__name__)
 
 SAMPLE_FRAMES = 4  # drawn for every trial, the same frames for all
 WORST_FRAMES = 3  # drawn per trial: the most missed objects + false detections
@@ -62,7 +61,18 @@ def sample_indices(count: int, sample: int = SAMPLE_FRAMES) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, count - 1, min(sample, count)).round()})
 
 
+def _granted() -> dict[str, float]:
+    """What Ray gave this task ({} outside Ray)."""
+    try:
+        import ray
+
+        return dict(ray.get_runtime_context().get_assigned_resources())
+    except Exception:  # not in a Ray worker
+        return {}
+
+
 def accuracy_pass(job: TrialJob) -> dict[str, Any]:
+    started = time.time()
     device = _device(job)
     detector = load_detector(job.checkpoint, device, job.min_size, job.max_size)
     dataset = _dataset(job)
@@ -91,7 +101,8 @@ def accuracy_pass(job: TrialJob) -> dict[str, Any]:
         "per_class": report.per_class, "pr_recall": report.pr_recall,
         "pr_precision": report.pr_precision, "predictions": coco_results(detections),
         "frame_errors": dict(zip((Path(f).stem for f in detections.frames), errors)),
-        "drawings": drawings, "history": detector.history,
+        "drawings": drawings, "history": detector.history, "resources": _granted(),
+        "accuracy_window": (started, time.time()),
     }
 
 
@@ -99,6 +110,7 @@ def timing_pass(job: TrialJob) -> dict[str, Any]:
     """Inference time of the model alone, and its peak memory: CUDA's peak allocation on a
     GPU, the process's peak resident set on the CPU (Ray starts this task in a fresh
     process, so it is this model's)."""
+    started = time.time()
     device = _device(job)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -106,4 +118,5 @@ def timing_pass(job: TrialJob) -> dict[str, Any]:
     timing = measure_inference(detector.model, _dataset(job), device, max_images=TIMED_FRAMES,
                                warmup=WARMUP_PASSES)
     return {"infer_ms_per_image": timing.infer_ms_per_image, "fps": timing.fps,
-            "timed_images": timing.images, "peak_memory_mb": peak_memory_mb(device), "timing_device": str(device)}
+            "timed_images": timing.images, "peak_memory_mb": peak_memory_mb(device),
+            "timing_device": str(device), "timing_window": (started, time.time())}
