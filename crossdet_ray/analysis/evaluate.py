@@ -8,9 +8,7 @@ others compete for its device.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -21,16 +19,23 @@ from typing import Any
 
 import ray
 
-from crossdet_ray.analysis.plots import pareto_front, pareto_png, pr_curves_png, training_curves_png
+from crossdet_ray.analysis.plots import (
+    pareto_front,
+    pareto_png,
+    pr_curves_png,
+    training_curves_png,
+)
 from crossdet_ray.analysis.report import render_report
 from crossdet_ray.analysis.sources import (
     EvaluationError,
     EvaluationPlan,
     TrialSource,
+    finite_number,
     plan_evaluation,
     read_epoch_rows,
 )
 from crossdet_ray.analysis.tasks import TrialJob, accuracy_pass, timing_pass
+from crossdet_ray.engine.run_logs import _csv_text as csv_text
 from crossdet_ray.engine.run_logs import dumps_json
 from crossdet_ray.engine.storage import RunStorage
 
@@ -216,15 +221,6 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "pareto_front": pareto_front(points)}
 
 
-def _csv_text(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore",
-                            lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def _training_curves(plan: EvaluationPlan, accuracy: dict[str, dict[str, Any]]
                      ) -> dict[str, dict[str, list]]:
     """From each trial's epoch_metrics.csv, else from its checkpoint's saved history."""
@@ -234,24 +230,16 @@ def _training_curves(plan: EvaluationPlan, accuracy: dict[str, dict[str, Any]]
         if rows:
             curves[trial.name] = {
                 "epoch": [int(r["epoch"]) for r in rows],
-                "map": [_number(r.get("map")) for r in rows],
-                "loss": [_number(r.get("avg_loss")) for r in rows]}
+                "map": [finite_number(r.get("map")) for r in rows],
+                "loss": [finite_number(r.get("avg_loss")) for r in rows]}
             continue
         history = accuracy.get(trial.name, {}).get("history") or {}
         losses = history.get("epoch_losses") or []
         if losses:
             curves[trial.name] = {"epoch": list(range(1, len(losses) + 1)),
-                                  "map": [_number(v) for v in history.get("map") or []],
-                                  "loss": [_number(v) for v in losses]}
+                                  "map": [finite_number(v) for v in history.get("map") or []],
+                                  "loss": [finite_number(v) for v in losses]}
     return curves
-
-
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def write_outputs(plan: EvaluationPlan, accuracy: dict[str, dict[str, Any]],
@@ -288,8 +276,8 @@ def write_outputs(plan: EvaluationPlan, accuracy: dict[str, dict[str, Any]],
     for file_name, png in pictures.items():
         out.write_bytes(file_name, png)
 
-    out.write_text("results.csv", _csv_text(RESULT_COLUMNS + EXTRA_COLUMNS, rows))
-    out.write_text("per_class_ap.csv", _csv_text(PER_CLASS_COLUMNS, per_class))
+    out.write_text("results.csv", csv_text(RESULT_COLUMNS + EXTRA_COLUMNS, rows))
+    out.write_text("per_class_ap.csv", csv_text(PER_CLASS_COLUMNS, per_class))
     summary = {
         "source": plan.source, "data": plan.data_dir, "split": plan.split,
         "checkpoint": plan.checkpoint_choice, "min_size": plan.min_size,

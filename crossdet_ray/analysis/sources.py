@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import glob
 import json
-import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,7 +18,6 @@ from typing import Any
 from crossdet_ray.data import DatasetError, NpyYoloDataset
 from crossdet_ray.engine.inference import backbone_from_name
 
-logger = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.json"
 EPOCH_LOG = "logs/epoch_metrics.csv"
@@ -70,7 +68,7 @@ def read_epoch_rows(path: str | os.PathLike) -> list[dict[str, str]]:
         return []
 
 
-def _float(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -111,7 +109,7 @@ def choose_checkpoint(trial_dir: Path, backbone: str, choice: str
     rows = read_epoch_rows(trial_dir / EPOCH_LOG)
     if not rows:
         return None, None, f"no epoch logged in {trial_dir / EPOCH_LOG}: the trial saved no epoch"
-    scored = [(row, _float(row.get("map"))) for row in rows]
+    scored = [(row, finite_number(row.get("map"))) for row in rows]
     scored = [(row, value) for row, value in scored if value is not None]
     if not scored:
         return None, None, (f"{trial_dir / EPOCH_LOG} has no test mAP (trained without "

@@ -285,7 +285,8 @@ def test_a_folder_of_checkpoints(tiny_dataset, tmp_path):
     assert int(rows[0]["frames"]) == 12  # --data: every labelled frame
     assert not math.isnan(float(rows[0]["map50"]))
     summary = json.loads((tmp_path / "out" / "results.json").read_text())
-    drawings, errors = summary["detections"]["mit_b0_final"], summary["frame_errors"]["mit_b0_final"]
+    drawings = summary["detections"]["mit_b0_final"]
+    errors = summary["frame_errors"]["mit_b0_final"]
     sample = [d["frame"] for d in drawings if d["kind"] == "sample"]
     worst = [d["frame"] for d in drawings if d["kind"] == "worst"]
     assert len(errors) == 12 and len(sample) == 4
