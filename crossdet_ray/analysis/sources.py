@@ -11,7 +11,7 @@ import glob
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,6 @@ class EvaluationPlan:
     max_size: int | None = None
     checkpoint_choice: str = "best_map"
     batch_size: int = 2
-    notes: list[str] = field(default_factory=list)
 
 
 def read_epoch_rows(path: str | os.PathLike) -> list[dict[str, str]]:
@@ -148,14 +147,14 @@ def _folder_trials(folder: Path, pattern: str) -> list[TrialSource]:
     matches = sorted(Path(p) for p in glob.glob(str(folder / pattern), recursive=True)
                      if Path(p).is_file())
     if not matches:
-        raise EvaluationError(f"{folder}: no file matches --checkpoint-pattern {pattern!r} (and "
-                              f"it holds no {RUN_CONFIG_FILE}); pass a run directory or a "
-                              "pattern such as '*/checkpoints/best_model.pth'")
+        raise EvaluationError(f"{folder}: no file matches --checkpoint-pattern {pattern!r}; "
+                              "pass a run directory (with its run_config.json) or a pattern "
+                              "such as '*/checkpoints/best_model.pth'")
     trials, names = [], set()
     for path in matches:
         parts = [p for p in path.relative_to(folder).with_suffix("").parts if p != "checkpoints"]
         name = "-".join(parts)
-        if name in names:  # cannot happen with distinct paths, but keep names unique
+        if name in names:  # a/b.pth and a-b.pth: keep the names apart
             name = f"{name}-{len(names)}"
         names.add(name)
         trials.append(TrialSource(name=name, backbone=backbone_from_name(path),
@@ -186,37 +185,35 @@ def plan_evaluation(source: str, *, data: str | None = None, checkpoint: str = "
         raise EvaluationError(f"--data {data}: no such folder; pass the folder that holds "
                               "images/ and labels/")
     run_config_path = folder / RUN_CONFIG_FILE
-    notes: list[str] = []
-    if run_config_path.is_file() and checkpoint_pattern is None:
+    config: dict[str, Any] | None = None
+    if run_config_path.is_file():
         try:
             config = json.loads(run_config_path.read_text())
         except (OSError, ValueError) as error:
             raise EvaluationError(f"{run_config_path} cannot be read ({error}); is the run "
                                   "directory complete?") from error
+    if config is None and data is None:
+        raise EvaluationError(f"{folder} holds no {RUN_CONFIG_FILE} to name its data: pass "
+                              "--data DIR (every labelled frame there is evaluated)")
+    if checkpoint_pattern is not None:
+        trials = _folder_trials(folder, checkpoint_pattern)
+    elif config is not None:
         trials = _run_trials(folder, config, checkpoint)
         if not trials:
             raise EvaluationError(f"{run_config_path} lists no trials")
-        train = config.get("train") or {}
-        plan = EvaluationPlan(
-            source=str(folder), is_run=True, out_dir="", trials=trials, data_dir="",
-            split="all" if data else "test", test_size=float(train.get("test_size", 0.2)),
-            split_seed=int(train.get("split_seed", 42)),
-            min_size=min_size or train.get("min_size"), max_size=max_size or train.get("max_size"),
-            checkpoint_choice=checkpoint, batch_size=int(train.get("batch_size") or 2),
-            notes=notes)
-        if data:
-            plan.data_dir = str(Path(data).expanduser().resolve())
-        else:
-            plan.data_dir = _run_data_dir(config, run_config_path)
     else:
-        if data is None:
-            raise EvaluationError(f"{folder} holds no {RUN_CONFIG_FILE} to name its data: pass "
-                                  "--data DIR (every labelled frame there is evaluated)")
-        trials = _folder_trials(folder, checkpoint_pattern or DEFAULT_PATTERN)
-        plan = EvaluationPlan(source=str(folder), is_run=False, out_dir="", trials=trials,
-                              data_dir=str(Path(data).expanduser().resolve()), split="all",
-                              min_size=min_size, max_size=max_size,
-                              checkpoint_choice="pattern", notes=notes)
+        trials = _folder_trials(folder, DEFAULT_PATTERN)
+    train = (config or {}).get("train") or {}
+    plan = EvaluationPlan(
+        source=str(folder), is_run=config is not None, out_dir="", trials=trials,
+        data_dir=str(Path(data).expanduser().resolve()) if data else "",
+        split="all" if data else "test", test_size=float(train.get("test_size", 0.2)),
+        split_seed=int(train.get("split_seed", 42)),
+        min_size=min_size or train.get("min_size"), max_size=max_size or train.get("max_size"),
+        checkpoint_choice=checkpoint if checkpoint_pattern is None else checkpoint_pattern,
+        batch_size=int(train.get("batch_size") or 2))
+    if not data:
+        plan.data_dir = _run_data_dir(config, run_config_path)
     plan.out_dir = str(Path(out).expanduser().resolve()) if out else str(folder / "evaluation")
     _check_frames(plan, "--data" if data else f"the run's dataset ({plan.data_dir})")
     return plan
