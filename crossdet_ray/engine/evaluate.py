@@ -140,9 +140,12 @@ def coco_report(
     present = sorted({a["category_id"] for a in dataset["annotations"]})
     evaluator = _run_cocoeval(dataset, _coco_detections(predictions))
     if evaluator is None:
-        return CocoReport(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
-                          {c: {"ap": 0.0, "ap50": 0.0} for c in present},
-                          [], [])
+        # Nothing detected: AP 0 for every size that has objects (COCO's area ranges).
+        areas = [a["area"] for a in dataset["annotations"]]
+        sizes = [0.0 if any(low <= area < high for area in areas) else None
+                 for low, high in ((0, 32**2), (32**2, 96**2), (96**2, float("inf")))]
+        return CocoReport(0.0, 0.0, 0.0, *sizes, 0.0,
+                          {c: {"ap": 0.0, "ap50": 0.0} for c in present}, [], [])
     stats = [float(s) for s in evaluator.stats]
     # -1 means "no such objects": 0 for the headline numbers (as the training logs do),
     # None for the size breakdown, where "no small objects" is not "missed them all".

@@ -102,3 +102,13 @@ def test_perfect_predictions_have_a_flat_pr_curve_at_one():
     report = coco_report(TRUTHS, _predictions(0.0), SIZES, num_classes=1)
     assert report.pr_precision == [1.0] * 101
     assert report.per_class == {1: {"ap": pytest.approx(1.0), "ap50": pytest.approx(1.0)}}
+
+
+def test_nothing_detected_scores_zero_for_the_sizes_present():
+    from crossdet_ray.engine.evaluate import coco_report
+
+    empty = [{"boxes": np.zeros((0, 4)), "labels": np.zeros(0), "scores": np.zeros(0)}] * 2
+    report = coco_report(TRUTHS, empty, SIZES, num_classes=1)
+    # TRUTHS' boxes are 30x40, 40x50 and 25x30 px: medium, medium, small; none large.
+    assert (report.map_small, report.map_medium, report.map_large) == (0.0, 0.0, None)
+    assert report.per_class == {1: {"ap": 0.0, "ap50": 0.0}}
