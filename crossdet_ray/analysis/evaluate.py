@@ -266,7 +266,7 @@ def write_outputs(plan: EvaluationPlan, accuracy: dict[str, dict[str, Any]],
 
     pictures = {
         "pr_curves.png": pr_curves_png({n: (r["pr_recall"], r["pr_precision"])
-                                        for n, r in ok.items() if r["pr_recall"]}),
+                                        for n, r in ok.items()}),
         "pareto.png": pareto_png({r["trial"]: (r["infer_ms_per_image"], r["map"])
                                   for r in rows if r["status"] == "ok"}),
     }

@@ -19,16 +19,22 @@ def _png(figure: Figure) -> bytes:
 
 
 def pr_curves_png(curves: dict[str, tuple[Sequence[float], Sequence[float]]]) -> bytes:
-    """One precision-recall curve per trial at IoU 0.5: {trial: (recall, precision)}."""
+    """One precision-recall curve per trial at IoU 0.5: {trial: (recall, precision)}; an
+    empty curve (nothing detected) is named in a note instead."""
     figure = Figure(figsize=(6.5, 4.5))
     axes = figure.add_subplot()
     for name, (recall, precision) in curves.items():
-        axes.plot(recall, precision, label=name, linewidth=1.6)
+        if len(recall):
+            axes.plot(recall, precision, label=name, linewidth=1.6)
+    empty = [name for name, (recall, _) in curves.items() if not len(recall)]
+    if empty:
+        axes.text(0.5, 0.5, "nothing detected: " + ", ".join(empty), ha="center",
+                  va="center", transform=axes.transAxes, fontsize=9, color="#a00")
     axes.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
              title="Precision-recall at IoU 0.5 (COCO's interpolated precision, all classes)")
     axes.title.set_fontsize(10)
     axes.grid(alpha=0.3)
-    if curves:
+    if axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize=8, loc="lower left")
     return _png(figure)
 
@@ -54,7 +60,7 @@ def pareto_png(points: dict[str, tuple[float, float]]) -> bytes:
     for name, (ms, value) in points.items():
         on_front = name in front
         axes.scatter([ms], [value], s=50 if on_front else 30,
-                     color="#d62728" if on_front else "#7f7f7f", zorder=3)
+                     color="#d62728" if on_front else "#7f7f7f", zorder=3, clip_on=False)
         axes.annotate(name, (ms, value), textcoords="offset points", xytext=(6, 4),
                       fontsize=8, color="black" if on_front else "#7f7f7f")
     if len(front) > 1:
@@ -66,6 +72,7 @@ def pareto_png(points: dict[str, tuple[float, float]]) -> bytes:
     axes.title.set_fontsize(10)
     axes.grid(alpha=0.3)
     axes.margins(x=0.25, y=0.2)
+    axes.set_ylim(bottom=max(0.0, axes.get_ylim()[0]))  # mAP is never negative
     return _png(figure)
 
 
@@ -82,6 +89,7 @@ def training_curves_png(curves: dict[str, dict[str, list]]) -> bytes:
                 axes.plot(*zip(*pairs), marker="o", markersize=3, linewidth=1.4, label=name)
     map_axes.set(xlabel="epoch", ylabel="test mAP@[.5:.95]", title="Test mAP per epoch")
     loss_axes.set(xlabel="epoch", ylabel="mean training loss", title="Loss per epoch")
+    map_axes.set_ylim(bottom=0.0)
     for axes in (map_axes, loss_axes):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.title.set_fontsize(10)
