@@ -313,3 +313,11 @@ def test_user_mistakes_are_one_line_and_exit_2(args, message, tmp_path, tiny_dat
     assert code == 2
     assert captured.err.count("\n") == 1 and message in captured.err, captured.err
     assert not (run / "evaluation").exists()
+
+
+def test_flag_mistakes_are_one_line_too(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--min-size", "big"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert captured.err.count("\n") == 1 and "invalid int value: 'big'" in captured.err
