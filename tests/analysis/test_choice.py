@@ -73,3 +73,15 @@ def test_a_report_when_every_trial_failed(tmp_path):
     assert "No trial could be evaluated" in report and "no folder x" in report
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["trials"][0]["status"] == "failed"
+
+
+def test_a_gpu_share_on_a_cluster_without_gpus_runs_on_the_cpu(monkeypatch, caplog):
+    import crossdet_ray.analysis.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    trial = TrialSource("mit_b5", "mit_b5", "x.pth", cpu=4.0, gpu=0.5)
+    assert evaluate_module._fit_to_cluster(trial) == (2.0, 0.0)
+    assert "trained with 0.5 GPU but this Ray cluster has 0" in caplog.text
+    monkeypatch.setattr(evaluate_module.ray, "cluster_resources",
+                        lambda: {"CPU": 16.0, "GPU": 1.0})
+    assert evaluate_module._fit_to_cluster(trial) == (4.0, 0.5)  # the share it trained with
