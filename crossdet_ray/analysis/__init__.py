@@ -4,7 +4,7 @@
 `experiments/evaluate.py`.
 """
 
-from crossdet_ray.analysis.evaluate import EvaluationOutcome, evaluate, evaluate_run
+from crossdet_ray.analysis.evaluation import EvaluationOutcome, evaluate, evaluate_run
 from crossdet_ray.analysis.sources import EvaluationError, EvaluationPlan, plan_evaluation
 
 __all__ = ["EvaluationError", "EvaluationOutcome", "EvaluationPlan", "evaluate",

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from crossdet_ray.analysis.evaluate import evaluate
+    from crossdet_ray.analysis.evaluation import evaluate
     from crossdet_ray.analysis.sources import EvaluationError, plan_evaluation
     from crossdet_ray.data import DatasetError
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from crossdet_ray.analysis.evaluate import choose, write_outputs
+from crossdet_ray.analysis.evaluation import choose, write_outputs
 from crossdet_ray.analysis.plots import pareto_front
 from crossdet_ray.analysis.sources import EvaluationPlan, TrialSource, choose_checkpoint
 from crossdet_ray.engine.checkpoint import CheckpointError
@@ -76,12 +76,12 @@ def test_a_report_when_every_trial_failed(tmp_path):
 
 
 def test_a_gpu_share_on_a_cluster_without_gpus_runs_on_the_cpu(monkeypatch, caplog):
-    import crossdet_ray.analysis.evaluate as evaluate_module
+    import crossdet_ray.analysis.evaluation as evaluation
 
-    monkeypatch.setattr(evaluate_module.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(evaluation.ray, "cluster_resources", lambda: {"CPU": 2.0})
     trial = TrialSource("mit_b5", "mit_b5", "x.pth", cpu=4.0, gpu=0.5)
-    assert evaluate_module._fit_to_cluster(trial) == (2.0, 0.0)
+    assert evaluation._fit_to_cluster(trial) == (2.0, 0.0)
     assert "trained with 0.5 GPU but this Ray cluster has 0" in caplog.text
-    monkeypatch.setattr(evaluate_module.ray, "cluster_resources",
+    monkeypatch.setattr(evaluation.ray, "cluster_resources",
                         lambda: {"CPU": 16.0, "GPU": 1.0})
-    assert evaluate_module._fit_to_cluster(trial) == (4.0, 0.5)  # the share it trained with
+    assert evaluation._fit_to_cluster(trial) == (4.0, 0.5)  # the share it trained with
