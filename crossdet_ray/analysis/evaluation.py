@@ -113,17 +113,21 @@ def _connect_ray(address: str | None) -> bool:
     return True
 
 
-def _fit_to_cluster(trial: TrialSource) -> tuple[float, float]:
+def _fit_to_cluster(trial: TrialSource, trials: int) -> tuple[float, float]:
     """The trial's (cpu, gpu) share, within what the cluster has: a run trained on GPUs is
-    evaluated on the CPU of a machine without one (with a warning), never left waiting."""
+    evaluated on the CPU of a machine without one (with a warning), never left waiting. A
+    checkpoint from a folder (no recorded share) gets an equal part of the cluster."""
     total = ray.cluster_resources()
-    cpu = min(trial.cpu, float(total.get("CPU", 1.0))) or 0.5
-    gpu = trial.gpu
-    if gpu > float(total.get("GPU", 0.0)):
+    total_cpu, total_gpu = float(total.get("CPU", 1.0)), float(total.get("GPU", 0.0))
+    cpu = trial.cpu if trial.cpu is not None else max(total_cpu / trials, 1.0)
+    cpu = min(cpu, total_cpu) or 0.5
+    if trial.gpu is None:
+        return cpu, min(total_gpu / trials, 1.0)
+    if trial.gpu > total_gpu:
         logger.warning("%s trained with %g GPU but this Ray cluster has %g: evaluating it on "
-                       "the CPU", trial.name, gpu, float(total.get("GPU", 0.0)))
-        gpu = 0.0
-    return cpu, gpu
+                       "the CPU", trial.name, trial.gpu, total_gpu)
+        return cpu, 0.0
+    return cpu, trial.gpu
 
 
 def _jobs(plan: EvaluationPlan) -> dict[str, TrialJob | TrialSource]:
@@ -133,7 +137,7 @@ def _jobs(plan: EvaluationPlan) -> dict[str, TrialJob | TrialSource]:
         if trial.checkpoint is None:
             jobs[trial.name] = trial
             continue
-        cpu, gpu = _fit_to_cluster(trial)
+        cpu, gpu = _fit_to_cluster(trial, len(plan.trials))
         jobs[trial.name] = TrialJob(
             name=trial.name, checkpoint=trial.checkpoint, data_dir=plan.data_dir,
             split=plan.split, test_size=plan.test_size, split_seed=plan.split_seed,

@@ -37,8 +37,9 @@ class TrialSource:
     backbone: str | None
     checkpoint: str | None  # None: the trial has no such checkpoint (see `error`)
     epoch: int | None = None  # the epoch the checkpoint holds, when the logs say
-    cpu: float = 1.0
-    gpu: float = 0.0
+    # The share it trained with (run_config.json); None: the cluster shared out equally.
+    cpu: float | None = None
+    gpu: float | None = None
     error: str | None = None
     epoch_log: str | None = None  # logs/epoch_metrics.csv, for the training curves
 

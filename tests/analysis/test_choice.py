@@ -80,8 +80,10 @@ def test_a_gpu_share_on_a_cluster_without_gpus_runs_on_the_cpu(monkeypatch, capl
 
     monkeypatch.setattr(evaluation.ray, "cluster_resources", lambda: {"CPU": 2.0})
     trial = TrialSource("mit_b5", "mit_b5", "x.pth", cpu=4.0, gpu=0.5)
-    assert evaluation._fit_to_cluster(trial) == (2.0, 0.0)
+    assert evaluation._fit_to_cluster(trial, 5) == (2.0, 0.0)
     assert "trained with 0.5 GPU but this Ray cluster has 0" in caplog.text
     monkeypatch.setattr(evaluation.ray, "cluster_resources",
                         lambda: {"CPU": 16.0, "GPU": 1.0})
-    assert evaluation._fit_to_cluster(trial) == (4.0, 0.5)  # the share it trained with
+    assert evaluation._fit_to_cluster(trial, 5) == (4.0, 0.5)  # the share it trained with
+    # A checkpoint from a folder: an equal part of the cluster.
+    assert evaluation._fit_to_cluster(TrialSource("a", "mit_b0", "a.pth"), 4) == (4.0, 0.25)
