@@ -1,59 +1,77 @@
-"""A frame's detections drawn on its three modalities: RGB | thermal | event, side by side."""
+"""Drawings of one frame: RGB | thermal | event panels with ground truth and predictions.
+
+Matplotlib's object API with the Agg canvas (no pyplot state), so drawings can be made in
+any thread or Ray worker.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import io
 
-import torch
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-PANELS = (("RGB", slice(0, 3), None), ("thermal", slice(3, 4), "inferno"),
-          ("event", slice(4, 5), "gray"))
-
-
-def draw_frame(frame: torch.Tensor, predicted: dict[str, torch.Tensor], path: str | Path,
-               truth: dict[str, torch.Tensor] | None = None, title: str = "") -> Path:
-    """Save a PNG of `frame` ((5, H, W) in [0, 1]) with `predicted` boxes (xyxy pixels) and
-    their scores in red, and `truth`'s boxes, when given, dashed in green, on every panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on cluster nodes
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    height, width = frame.shape[-2:]
-    figure, axes = plt.subplots(1, 3, figsize=(3 * 4, 4 * height / width + 0.6), squeeze=False)
-    pixels = frame.detach().float().clamp(0, 1).cpu()
-    for axis, (name, channels, colour_map) in zip(axes[0], PANELS):
-        panel = pixels[channels].permute(1, 2, 0).numpy()
-        axis.imshow(panel if panel.shape[-1] == 3 else panel[..., 0], cmap=colour_map,
-                    vmin=0, vmax=1)
-        axis.set_title(name, fontsize=9)
-        axis.axis("off")
-        for box in _boxes(truth):
-            axis.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1],
-                                     fill=False, edgecolor="lime", linewidth=1.2,
-                                     linestyle="--"))
-        scores = predicted.get("scores", torch.ones(len(_boxes(predicted)))).tolist()
-        for box, score in zip(_boxes(predicted), scores):
-            axis.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1],
-                                     fill=False, edgecolor="red", linewidth=1.2))
-            axis.text(box[0], box[1], f"{score:.2f}", color="white", fontsize=7,
-                      verticalalignment="bottom",
-                      bbox={"facecolor": "red", "alpha": 0.7, "pad": 1, "linewidth": 0})
-    if title:
-        figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    temporary.replace(path)
-    return path
+TRUTH_COLOUR = "#00e000"
+PREDICTION_COLOUR = "#ff2020"
+PANELS = (("RGB", None), ("thermal", "inferno"), ("event", "gray"))
+MAX_DRAWN = 20  # predictions drawn per frame, highest scores first: more hide the frame
+HEADER_INCHES = 0.6  # the title and the panel names
 
 
-def _boxes(detections: dict[str, Any] | None) -> list[list[float]]:
-    if not detections or "boxes" not in detections:
-        return []
-    return torch.as_tensor(detections["boxes"]).reshape(-1, 4).tolist()
+def frame_panels(frame: np.ndarray) -> list[np.ndarray]:
+    """(5, H, W) or (H, W, 5) pixels in [0, 1] -> [RGB (H, W, 3), thermal (H, W), event (H, W)]."""
+    frame = np.asarray(frame, dtype=np.float32)
+    if frame.shape[0] == 5 and frame.shape[-1] != 5:
+        frame = frame.transpose(1, 2, 0)
+    frame = np.clip(frame, 0.0, 1.0)
+    return [frame[..., :3], frame[..., 3], frame[..., 4]]
+
+
+def draw_detections(frame: np.ndarray, truth: dict, predicted: dict, title: str = "",
+                    score_threshold: float = 0.5, dpi: int = 100) -> bytes:
+    """PNG bytes: the frame's three panels side by side, ground truth in green, predictions
+    scoring at least `score_threshold` in red with their score (and class when there are
+    several); at most MAX_DRAWN predictions, the highest scoring."""
+    panels = frame_panels(frame)
+    height, width = panels[1].shape
+    # Each panel at least 260 px wide so the score labels stay readable on tiny frames, and
+    # at most 640 px so a report of full-size frames stays light.
+    scale = min(max(1.0, 260.0 / width), 640.0 / width)
+    figure_height = height * scale / dpi + HEADER_INCHES
+    figure = Figure(figsize=(3 * width * scale / dpi, figure_height), dpi=dpi)
+    truth_labels = np.asarray(truth.get("labels", [])).reshape(-1)
+    predicted_labels = np.asarray(predicted.get("labels", [])).reshape(-1)
+    several_classes = len(set(truth_labels.tolist()) | set(predicted_labels.tolist())) > 1
+    scores = np.asarray(predicted.get("scores", [])).reshape(-1)
+    above = np.flatnonzero(scores >= score_threshold)
+    shown = above[np.argsort(-scores[above], kind="stable")][:MAX_DRAWN]
+    for position, ((name, colour_map), pixels) in enumerate(zip(PANELS, panels)):
+        axes = figure.add_axes((position / 3, 0, 1 / 3, 1 - HEADER_INCHES / figure_height))
+        axes.imshow(pixels, cmap=colour_map, vmin=0.0, vmax=1.0, interpolation="nearest")
+        axes.set_axis_off()
+        axes.set_title(name, fontsize=9, pad=2)
+        for box, label in zip(np.asarray(truth.get("boxes", [])).reshape(-1, 4), truth_labels):
+            axes.add_patch(_rectangle(box, TRUTH_COLOUR, "-"))
+        for box, label, score in zip(np.asarray(predicted.get("boxes", [])).reshape(-1, 4)[shown],
+                                     predicted_labels[shown], scores[shown]):
+            axes.add_patch(_rectangle(box, PREDICTION_COLOUR, "--"))
+            text = f"{label - 1}: {score:.2f}" if several_classes else f"{score:.2f}"
+            axes.text(box[0], box[1], text, color="white", fontsize=7, va="bottom",
+                      clip_on=True,
+                      bbox={"facecolor": PREDICTION_COLOUR, "pad": 1, "linewidth": 0})
+    drawn = f"the {MAX_DRAWN} highest of {len(above)}" if len(above) > MAX_DRAWN else "all"
+    figure.text(0.5, 1 - 0.05 / figure_height, title, fontsize=8, ha="center", va="top")
+    figure.text(0.5, 1 - 0.22 / figure_height,
+                f"green: ground truth; red dashed: predictions with score >= "
+                f"{score_threshold:g} ({drawn})", fontsize=7, ha="center", va="top",
+                color="#444")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def _rectangle(box, colour: str, style: str) -> Rectangle:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.5,
+                     linestyle=style)

@@ -132,13 +132,17 @@ def predict(config: PredictConfig) -> dict[str, Any]:
     for path, frame, output in predict_frames(model, files, device):
         detections += coco_detections(path.stem, output, config.score_threshold)
         if config.draw:
-            from crossdet_ray.engine.drawing import draw_frame
+            from crossdet_ray.engine.drawing import draw_detections
 
-            keep = output["scores"] >= config.draw_threshold
             target = out / "drawings" / f"{path.stem}.png"
-            draw_frame(frame, {k: v[keep] for k, v in output.items()}, target,
-                       title=f"{path.name}: {built['backbone']}, score >= "
-                             f"{config.draw_threshold:g}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            png = draw_detections(frame.cpu().numpy(), {},
+                                  {k: v.cpu().numpy() for k, v in output.items()},
+                                  title=f"{path.name}: {built['backbone']}",
+                                  score_threshold=config.draw_threshold)
+            temporary = target.with_name(target.name + ".tmp")
+            temporary.write_bytes(png)
+            temporary.replace(target)  # whole or not at all
             drawn.append(str(target))
     _write_json(out / "detections.json", detections)
     logger.info("%d detections (score >= %g) on %d frames written to %s", len(detections),

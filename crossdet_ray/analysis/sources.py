@@ -1,0 +1,246 @@
+"""What to evaluate: the trials of a run directory (or a folder of checkpoints), the checkpoint
+of each, the frames, the resize and each trial's resources.
+
+No Ray here: a user mistake is found before anything starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crossdet_ray.data import DatasetError, NpyYoloDataset
+from crossdet_ray.engine.inference import backbone_from_name
+
+
+RUN_CONFIG_FILE = "run_config.json"
+EPOCH_LOG = "logs/epoch_metrics.csv"
+CHECKPOINT_CHOICES = ("best_map", "best", "final")
+BEST_MAP_FILE = "best_map_model.pth"
+BEST_LOSS_FILE = "best_model.pth"
+DEFAULT_PATTERN = "*.pth"
+
+
+class EvaluationError(ValueError):
+    """A user mistake (no such run, no checkpoint matches, a bad flag): one line, exit 2."""
+
+
+@dataclass
+class TrialSource:
+    name: str
+    backbone: str | None
+    checkpoint: str | None  # None: the trial has no such checkpoint (see `error`)
+    epoch: int | None = None  # the epoch the checkpoint holds, when the logs say
+    # The share it trained with (run_config.json); None: the cluster shared out equally.
+    cpu: float | None = None
+    gpu: float | None = None
+    error: str | None = None
+    epoch_log: str | None = None  # logs/epoch_metrics.csv, for the training curves
+
+
+@dataclass
+class EvaluationPlan:
+    source: str  # the run directory or checkpoint folder
+    is_run: bool
+    out_dir: str
+    trials: list[TrialSource]
+    data_dir: str
+    split: str  # "test" (the run's test split) or "all" (every labelled frame of --data)
+    test_size: float = 0.2
+    split_seed: int = 42
+    min_size: int | None = None  # None: each checkpoint's own (its saved config)
+    max_size: int | None = None
+    checkpoint_choice: str = "best_map"
+    batch_size: int = 2
+
+
+def read_epoch_rows(path: str | os.PathLike) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+    except OSError:
+        return []
+
+
+def finite_number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _local_checkpoint(trial_dir: Path, logged_path: str) -> Path | None:
+    """The epoch file a row names: at its logged path, or under this trial's checkpoints/
+    (the run directory may have moved since)."""
+    if not logged_path:
+        return None
+    for candidate in (Path(logged_path), trial_dir / "checkpoints" / Path(logged_path).name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def choose_checkpoint(trial_dir: Path, backbone: str, choice: str
+                      ) -> tuple[str | None, int | None, str | None]:
+    """(path, epoch, error) of a trial's `choice` checkpoint.
+
+    best_map: `best_map_model.pth` when the run kept one, else the epoch with the highest test
+    mAP in epoch_metrics.csv whose file is still there (an earlier tie wins); best: the lowest
+    loss (`best_model.pth`); final: the last epoch's complete checkpoint.
+    """
+    checkpoints = trial_dir / "checkpoints"
+    if choice == "best":
+        path = checkpoints / BEST_LOSS_FILE
+        return (str(path), None, None) if path.is_file() else (
+            None, None, f"no {path}: the trial saved no epoch")
+    if choice == "final":
+        path = checkpoints / f"{backbone}_final_complete.pth"
+        return (str(path), None, None) if path.is_file() else (
+            None, None, f"no {path}: the trial did not finish (try --checkpoint best_map)")
+    if (checkpoints / BEST_MAP_FILE).is_file():
+        return str(checkpoints / BEST_MAP_FILE), None, None
+    rows = read_epoch_rows(trial_dir / EPOCH_LOG)
+    if not rows:
+        return None, None, f"no epoch logged in {trial_dir / EPOCH_LOG}: the trial saved no epoch"
+    scored = [(row, finite_number(row.get("map"))) for row in rows]
+    scored = [(row, value) for row, value in scored if value is not None]
+    if not scored:
+        return None, None, (f"{trial_dir / EPOCH_LOG} has no test mAP (trained without "
+                            "evaluation); use --checkpoint best or final")
+    scored.sort(key=lambda item: (-item[1], int(item[0]["epoch"])))
+    for row, _ in scored:
+        path = _local_checkpoint(trial_dir, row.get("checkpoint_path", ""))
+        if path is not None:
+            return str(path), int(row["epoch"]), None
+    return None, None, (f"the epoch files of {trial_dir / 'checkpoints'} with a test mAP were "
+                        "pruned (--keep-checkpoints); use --checkpoint best or final")
+
+
+def _run_trials(run_dir: Path, config: dict[str, Any], choice: str) -> list[TrialSource]:
+    resources = config.get("resources") or {}
+    trials = []
+    for spec in config.get("trials") or []:
+        name, backbone = spec["name"], spec["backbone"]
+        share = resources.get(backbone) or {}
+        workers = max(int(share.get("workers") or 1), 1)
+        # One evaluation process per trial: a data-parallel trial's per-worker share.
+        cpu = float(share.get("cpu") or 1.0) / workers
+        gpu = float(share.get("gpu") or 0.0) / workers
+        trial_dir = run_dir / name
+        if not trial_dir.is_dir():
+            path, epoch, error = None, None, f"no folder {trial_dir}: the trial never started"
+        else:
+            path, epoch, error = choose_checkpoint(trial_dir, backbone, choice)
+        trials.append(TrialSource(name=name, backbone=backbone, checkpoint=path, epoch=epoch,
+                                  cpu=cpu, gpu=gpu, error=error,
+                                  epoch_log=str(trial_dir / EPOCH_LOG)))
+    return trials
+
+
+def _folder_trials(folder: Path, pattern: str) -> list[TrialSource]:
+    matches = sorted(Path(p) for p in glob.glob(str(folder / pattern), recursive=True)
+                     if Path(p).is_file())
+    if not matches:
+        raise EvaluationError(f"{folder}: no file matches --checkpoint-pattern {pattern!r}; "
+                              "pass a run directory (with its run_config.json) or a pattern "
+                              "such as '*/checkpoints/best_model.pth'")
+    trials, names = [], set()
+    for path in matches:
+        parts = [p for p in path.relative_to(folder).with_suffix("").parts if p != "checkpoints"]
+        name = "-".join(parts)
+        if name in names:  # a/b.pth and a-b.pth: keep the names apart
+            name = f"{name}-{len(names)}"
+        names.add(name)
+        trials.append(TrialSource(name=name, backbone=backbone_from_name(path),
+                                  checkpoint=str(path)))
+    return trials
+
+
+def plan_evaluation(source: str, *, data: str | None = None, checkpoint: str = "best_map",
+                    out: str | None = None, min_size: int | None = None,
+                    max_size: int | None = None,
+                    checkpoint_pattern: str | None = None) -> EvaluationPlan:
+    """Read RUN_DIR (or a checkpoint folder) and the flags into a plan; EvaluationError for a
+    user mistake."""
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise EvaluationError(f"--checkpoint {checkpoint!r}: choose one of "
+                              f"{', '.join(CHECKPOINT_CHOICES)}")
+    for flag, value in (("--min-size", min_size), ("--max-size", max_size)):
+        if value is not None and value < 1:
+            raise EvaluationError(f"{flag} must be at least 1 (got {value})")
+    if "://" in source:
+        raise EvaluationError(f"{source}: evaluate reads a local run directory; copy the run "
+                              "from its bucket first (e.g. aws s3 sync)")
+    folder = Path(source).expanduser().resolve()
+    if not folder.is_dir():
+        raise EvaluationError(f"{source}: no such run directory; pass the folder that holds "
+                              f"{RUN_CONFIG_FILE} (e.g. training_logs/run_20251107_120000)")
+    if data is not None and not Path(data).expanduser().is_dir():
+        raise EvaluationError(f"--data {data}: no such folder; pass the folder that holds "
+                              "images/ and labels/")
+    run_config_path = folder / RUN_CONFIG_FILE
+    config: dict[str, Any] | None = None
+    if run_config_path.is_file():
+        try:
+            config = json.loads(run_config_path.read_text())
+        except (OSError, ValueError) as error:
+            raise EvaluationError(f"{run_config_path} cannot be read ({error}); is the run "
+                                  "directory complete?") from error
+    if config is None and data is None:
+        raise EvaluationError(f"{folder} holds no {RUN_CONFIG_FILE} to name its data: pass "
+                              "--data DIR (every labelled frame there is evaluated)")
+    if checkpoint_pattern is not None:
+        trials = _folder_trials(folder, checkpoint_pattern)
+    elif config is not None:
+        trials = _run_trials(folder, config, checkpoint)
+        if not trials:
+            raise EvaluationError(f"{run_config_path} lists no trials")
+    else:
+        trials = _folder_trials(folder, DEFAULT_PATTERN)
+    train = (config or {}).get("train") or {}
+    plan = EvaluationPlan(
+        source=str(folder), is_run=config is not None, out_dir="", trials=trials,
+        data_dir=str(Path(data).expanduser().resolve()) if data else "",
+        split="all" if data else "test", test_size=float(train.get("test_size", 0.2)),
+        split_seed=int(train.get("split_seed", 42)),
+        min_size=min_size or train.get("min_size"), max_size=max_size or train.get("max_size"),
+        checkpoint_choice=checkpoint if checkpoint_pattern is None else checkpoint_pattern,
+        batch_size=int(train.get("batch_size") or 2))
+    if not data:
+        plan.data_dir = _run_data_dir(config, run_config_path)
+    plan.out_dir = str(Path(out).expanduser().resolve()) if out else str(folder / "evaluation")
+    _check_frames(plan, "--data" if data else f"the run's dataset ({plan.data_dir})")
+    return plan
+
+
+def _check_frames(plan: EvaluationPlan, what: str) -> None:
+    """The frames to evaluate exist and split, before any task starts."""
+    try:
+        frames = NpyYoloDataset(plan.data_dir, split=plan.split, test_size=plan.test_size,
+                                seed=plan.split_seed)
+    except DatasetError as error:
+        raise EvaluationError(f"{what}: {error}") from error
+    if len(frames) == 0:
+        raise EvaluationError(f"{what}: no labelled frame to evaluate in {plan.data_dir}")
+
+
+def _run_data_dir(config: dict[str, Any], run_config_path: Path) -> str:
+    """The run's dataset: its resolved path, or the synthetic set made again from its spec."""
+    data = config.get("data") or {}
+    resolved = data.get("resolved_path") or data.get("path")
+    if resolved and (Path(resolved) / "labels").is_dir():
+        return str(resolved)
+    if data.get("kind") == "synthetic":
+        from crossdet_ray.tune.datasets import ensure_dataset
+
+        return ensure_dataset({k: v for k, v in data.items()
+                               if k not in ("resolved_path", "report")})
+    raise EvaluationError(f"the run's dataset {resolved or '(none recorded)'} (from "
+                          f"{run_config_path}) is not here; pass --data DIR")
