@@ -16,15 +16,12 @@ from typing import Any
 
 import torch
 
-from crossdet_ray.config import TrainConfig
 from crossdet_ray.data import load_frame
 from crossdet_ray.data.npy_header import read_npy_header
-from crossdet_ray.engine.checkpoint import CheckpointError, load_checkpoint
-from crossdet_ray.models import build_detector
+from crossdet_ray.engine import inference
+from crossdet_ray.engine.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
-
-CLASS_WEIGHT = "roi_heads.box_predictor.cls_score.weight"  # (num_classes + background, ...)
 
 
 class PredictError(ValueError):
@@ -47,31 +44,15 @@ class PredictConfig:
 def load_detector(path: str | Path, device: torch.device, min_size: int | None = None,
                   max_size: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The detector of a crossdet_ray (or CrossAttentionDet) checkpoint, in eval mode, and
-    what it was built from: {"backbone", "num_classes", "min_size", "max_size", "epoch"}."""
+    what it was built from: {"backbone", "num_classes", "min_size", "max_size", "epoch"}.
+    The evaluation's loader (engine/inference.py), so both resize as training did."""
     try:
-        checkpoint = load_checkpoint(path)  # weights_only=True, every key checked
+        loaded = inference.load_detector(path, device, min_size, max_size)
     except CheckpointError as error:
-        raise PredictError(f"{error}; pass a full checkpoint: best_map_model.pth, "
-                           "best_model.pth or an epoch file (a weights-only *_final.pth does "
-                           "not name its backbone)") from error
-    state = checkpoint["model_state_dict"]
-    config = {**TrainConfig().to_dict(), **(checkpoint.get("config") or {})}
-    built = {
-        "backbone": checkpoint["backbone"],
-        # The head's own shape: reference checkpoints do not store the class count.
-        "num_classes": int(state[CLASS_WEIGHT].shape[0]),
-        "min_size": int(min_size or config["min_size"]),
-        "max_size": int(max_size or config["max_size"]),
-        "epoch": checkpoint.get("epoch"),
-    }
-    model = build_detector(built["backbone"], num_classes=built["num_classes"],
-                           min_size=built["min_size"], max_size=built["max_size"])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise CheckpointError(f"{path} does not fit {built['backbone']}: "
-                              f"{str(error).splitlines()[0]}") from error
-    return model.to(device).eval(), built
+        raise PredictError(str(error)) from error
+    return loaded.model, {"backbone": loaded.backbone, "num_classes": loaded.num_classes,
+                          "min_size": loaded.min_size, "max_size": loaded.max_size,
+                          "epoch": loaded.epoch}
 
 
 def frame_files(input_path: str | Path) -> list[Path]:

@@ -168,9 +168,11 @@ def test_user_mistakes_are_one_line_and_exit_2(frames, checkpoint, tmp_path, cap
         ((str(checkpoint), str(tmp_path)), "holds no .npy frames"),
         ((str(checkpoint), str(tmp_path / "nowhere")), "nowhere"),
     ]
-    weights_only = tmp_path / "mit_b0_final.pth"
+    # Bare weights load when the file's name says the backbone (mit_b0_final.pth); here it
+    # does not, so nothing tells which network they belong to.
+    weights_only = tmp_path / "weights.pth"
     torch.save(torch.load(checkpoint, weights_only=True)["model_state_dict"], weights_only)
-    cases.append(((str(weights_only), str(frames / "images")), "pass a full checkpoint"))
+    cases.append(((str(weights_only), str(frames / "images")), "cannot tell its backbone"))
     not_a_frame = tmp_path / "frames" / "bad.npy"
     not_a_frame.parent.mkdir()
     np.save(not_a_frame, np.zeros((8, 8, 3), np.uint8))  # three channels, not five
