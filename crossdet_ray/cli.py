@@ -122,6 +122,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ray_group.add_argument("--keep-checkpoints", type=int, default=None, metavar="N",
                            help="keep only the last N epoch checkpoints; the best and final ones stay "
                                 "(default: all)")
+    ray_group.add_argument("--no-evaluate", action="store_true",
+                           help="do not evaluate the finished trials at the end of the run "
+                                "(experiments/evaluate.py RUN_DIR does it later)")
     ray_group.add_argument("--skip-disk-check", action="store_true",
                            help="start even when the checkpoints the run will write (estimated "
                                 "and logged before it starts) exceed the free space at "
@@ -197,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
               "no file was changed.")
         return 0
     print(format_table(outcome.summary))
+    if not args.no_evaluate and not outcome.interrupted and outcome.summary.get("num_succeeded"):
+        _evaluate_finished_run(outcome.run_dir)
     print(f"Run directory: {outcome.run_dir}")
     summary_path = outcome.summary.get("summary_path")
     if summary_path and not summary_path.startswith(outcome.run_dir):
@@ -205,6 +210,22 @@ def main(argv: list[str] | None = None) -> int:
     if outcome.interrupted:
         print(f"Interrupted: continue with --resume {outcome.run_dir}", file=sys.stderr)
     return outcome.exit_code
+
+
+def _evaluate_finished_run(run_dir: str) -> None:
+    """The run ends with its report: every trial's best-mAP checkpoint evaluated alone, as
+    `experiments/evaluate.py RUN_DIR` would (a run in a bucket is left to that command)."""
+    if "://" in run_dir:
+        print(f"Evaluate it with: python experiments/evaluate.py (on a local copy of {run_dir})")
+        return
+    from crossdet_ray.analysis import EvaluationError, evaluate_run
+
+    try:
+        report = evaluate_run(run_dir)
+    except EvaluationError as error:
+        print(f"crossdet_ray: evaluation skipped: {error}", file=sys.stderr)
+        return
+    print(f"Evaluation report: {report}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def test_five_trials_share_one_gpu_at_a_fifth_each(tiny_dataset, tmp_path):
                "--gpus-per-trial", "0.2", "--epochs", "1", "--data", tiny_dataset,
                "--min-size", "64", "--max-size", "64", "--num-workers", "0",
                "--log-dir", str(tmp_path / "logs"), "--name", "shared_gpu",
-               "--no-dashboard", "--verbose", "0"]
+               "--no-dashboard", "--no-evaluate", "--verbose", "0"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
                             env=env)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -24,7 +24,7 @@ def _run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
 def _small(tiny_dataset, log_dir, *extra):
     return ("--data", tiny_dataset, "--backbones", "mit_b0", "--min-size", "64",
             "--max-size", "64", "--num-workers", "0", "--log-dir", str(log_dir),
-            "--no-dashboard", "--verbose", "0", *extra)
+            "--no-dashboard", "--no-evaluate", "--verbose", "0", *extra)
 
 
 def _assert_one_clear_error(result, *fragments):
@@ -73,7 +73,7 @@ def test_resume_after_sigint_trains_no_epoch_twice(tiny_dataset, tmp_path):
     run_dir = tmp_path / "logs" / "interrupted"
     args = _small(tiny_dataset, tmp_path / "logs", "--name", "interrupted", "--epochs", "4",
                   "--gpus-per-trial", "0", "--cpus-per-trial", "1")
-    args = tuple(a for a in args if a != "--no-dashboard")  # this run shows its dashboard
+    args = tuple(a for a in args if a != "--no-dashboard", "--no-evaluate")  # this run shows its dashboard
     process = subprocess.Popen(_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, cwd=ROOT, env=ray_env())
     trial = run_dir / "mit_b0"
@@ -93,7 +93,7 @@ def test_resume_after_sigint_trains_no_epoch_twice(tiny_dataset, tmp_path):
     assert len(done_before) < 4, "the run finished before the interrupt"
     assert training_info(trial)["epochs_completed"] == len(done_before)
 
-    result = _run("--resume", str(run_dir), "--no-dashboard", "--verbose", "0")
+    result = _run("--resume", str(run_dir), "--no-dashboard", "--no-evaluate", "--verbose", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_epochs_once(trial, 4)
     info = training_info(trial)
@@ -164,7 +164,7 @@ def test_user_mistakes_about_the_run_directory_exit_2(tiny_dataset, tmp_path):
     _assert_one_clear_error(_run(*_small(tiny_dataset, tmp_path / "logs", "--name", "taken")),
                             "already holds a run", "--resume")
 
-    _assert_one_clear_error(_run("--resume", str(tmp_path / "no_such_run"), "--no-dashboard"),
+    _assert_one_clear_error(_run("--resume", str(tmp_path / "no_such_run"), "--no-dashboard", "--no-evaluate"),
                             "--resume", "no_such_run")
 
 

@@ -60,7 +60,7 @@ def fine_tuned(easy_dataset, source_run, tmp_path_factory) -> Path:
             "--epochs", str(EPOCHS), "--lr", str(LR), "--lr-grid", *LR_GRID,
             "--init-from", str(source_run), "--mlflow",
             "--gpus-per-trial", "0", "--cpus-per-trial", "1",
-            "--log-dir", str(log_dir), "--name", "tuned", "--no-dashboard", "--verbose", "0"]
+            "--log-dir", str(log_dir), "--name", "tuned", "--no-dashboard", "--no-evaluate", "--verbose", "0"]
     result = run(args, log_dir / "output", "tuned", timeout=500)
     assert result.process.returncode == 0, result.stderr[-3000:]
     return log_dir / "tuned"
@@ -145,11 +145,11 @@ def test_init_from_a_run_without_the_backbone(tiny_dataset, tmp_path):
     (source / "mit_b0" / "checkpoints" / "best_map_model.pth").write_bytes(b"x")
     result = _run_fast("--data", tiny_dataset, "--backbones", "mit_b0", "mit_b1",
                        "--init-from", str(source), "--log-dir", str(tmp_path / "logs"),
-                       "--no-dashboard")
+                       "--no-dashboard", "--no-evaluate")
     _assert_one_line_exit_2(result, "--init-from", "mit_b1", "best_map_model.pth")
     assert not (tmp_path / "logs").exists()  # nothing started
     result = _run_fast("--data", tiny_dataset, "--init-from", str(tmp_path / "nowhere"),
-                       "--log-dir", str(tmp_path / "logs"), "--no-dashboard")
+                       "--log-dir", str(tmp_path / "logs"), "--no-dashboard", "--no-evaluate")
     _assert_one_line_exit_2(result, "--init-from", "nowhere")
 
 
@@ -160,7 +160,7 @@ def test_mlflow_missing_is_one_clear_line(tiny_dataset, tmp_path):
     env = ray_env()
     env["PYTHONPATH"] = f"{blocker.parent}:{env.get('PYTHONPATH', '')}"
     result = _run_fast("--data", tiny_dataset, "--mlflow", "--log-dir", str(tmp_path / "logs"),
-                       "--no-dashboard", env=env)
+                       "--no-dashboard", "--no-evaluate", env=env)
     _assert_one_line_exit_2(result, "--mlflow", "pip install 'crossdet_ray[mlflow]'")
     assert not (tmp_path / "logs").exists()
 

@@ -94,7 +94,7 @@ def asha_run(easy_dataset, tmp_path_factory) -> Path:
         "--epochs", str(EPOCHS), "--lr", str(LR), "--lr-step-size", str(LR_STEP),
         "--lr-grid", "1", "1e-5", "--scheduler", "asha",
         "--gpus-per-trial", "0", "--cpus-per-trial", f"{_one_trial_at_a_time_cpus():g}",
-        "--log-dir", str(log_dir), "--name", "learn", "--no-dashboard", "--verbose", "0",
+        "--log-dir", str(log_dir), "--name", "learn", "--no-dashboard", "--no-evaluate", "--verbose", "0",
     ]
     # Its own local Ray (no RAY_ADDRESS); whatever a timed-out run leaves is killed.
     result = run(args, log_dir / "output", "learn", timeout=560)

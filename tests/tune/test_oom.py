@@ -24,7 +24,7 @@ def _command(tiny_dataset: str, log_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "experiments" / "all_backbones.py"), "--data",
             tiny_dataset, "--backbones", "mit_b0", "--min-size", "64", "--max-size", "64",
             "--num-workers", "0", "--max-failures", "0", "--log-dir", str(log_dir), "--name", "r",
-            "--no-dashboard", *extra]
+            "--no-dashboard", "--no-evaluate", *extra]
 
 
 @pytest.fixture

@@ -293,3 +293,13 @@ def test_epoch_checkpoints_are_the_size_the_disk_estimate_counts(finished_run):
         (epoch_file, *_) = sorted((run_dir / backbone / "checkpoints").glob("epoch_*.pth"))
         assert epoch_file.stat().st_size == pytest.approx(
             EPOCH_FILE_BYTES_PER_PARAMETER * parameters, rel=0.02)
+
+
+def test_the_run_ends_with_its_evaluation_report(finished_run):
+    _, run_dir = finished_run
+    stdout = (run_dir.parent.parent / "command.out").read_text()
+    report = run_dir / "evaluation" / "report.html"
+    assert f"Evaluation report: {report}" in stdout.splitlines()[-2:]  # among the last lines
+    assert report.is_file() and "data:image/png;base64," in report.read_text()
+    results = pd.read_csv(run_dir / "evaluation" / "results.csv")
+    assert sorted(results["trial"]) == BACKBONES
