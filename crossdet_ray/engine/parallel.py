@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_autograd
+import torch.distributed._functional_collectives as functional_collectives
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -82,9 +82,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     data-parallel worker, as on one process holding the whole batch.
 
     torch's SyncBatchNorm does this on GPUs only; this one uses torch.distributed's
-    differentiable all-reduce, so it works on any backend (gloo on the CPU, NCCL). The backward
-    all-reduce sends each worker's share of the statistics' gradient to every worker, and
-    DDP's gradient mean then gives the one-process gradient. Outside training (evaluation on
+    differentiable (functional) all-reduce, so it works on any backend (gloo on the CPU,
+    NCCL). The backward all-reduce sends each worker's share of the statistics' gradient to
+    every worker, and DDP's gradient mean then gives the one-process gradient. Outside training (evaluation on
     the main worker alone) it is a plain BatchNorm2d; its parameters, buffers and state-dict
     keys are BatchNorm2d's, so checkpoints load into the plain model.
     """
@@ -97,11 +97,11 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         dims = (0, 2, 3)
         count = torch.tensor([features.numel() / features.shape[1]], device=features.device)
         # Two passes (mean, then the centred squares): E[x^2] - E[x]^2 loses digits.
-        total = dist_autograd.all_reduce(torch.cat([features.sum(dims), count]))
+        total = _summed(torch.cat([features.sum(dims), count]))
         items = total[-1]
         mean = total[:-1] / items
         centred = features - mean[None, :, None, None]
-        variance = dist_autograd.all_reduce((centred * centred).sum(dims)) / items
+        variance = _summed((centred * centred).sum(dims)) / items
         if self.track_running_stats:
             self._update_running_stats(mean.detach(), variance.detach(), items.item())
         scale = torch.rsqrt(variance + self.eps)
@@ -138,6 +138,12 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             if replaced is not child:
                 setattr(module, name, replaced)
         return module
+
+
+def _summed(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over every worker; its gradient is the sum of theirs (autograd)."""
+    return functional_collectives.wait_tensor(
+        functional_collectives.all_reduce(tensor, "sum", dist.group.WORLD))
 
 
 def _device_of(module: nn.Module) -> torch.device:
