@@ -30,11 +30,11 @@ VARIANTS = {"eager baseline": {"fused_attention": False, "vectorized_roi_align":
 FUSED_OPTIMIZER = {"eager baseline": False, "optimised (default)": True}
 
 
-def batch(seed: int = 0):
+def batch(seed: int = 0, count: int = 2):
     generator = torch.Generator().manual_seed(seed)
-    images = [torch.rand(5, 240, 320, generator=generator) for _ in range(2)]
+    images = [torch.rand(5, 240, 320, generator=generator) for _ in range(count)]
     targets = [{"boxes": torch.tensor([[30.0, 40.0, 120.0, 150.0], [200.0, 60.0, 260.0, 140.0]]),
-                "labels": torch.tensor([1, 1])} for _ in range(2)]
+                "labels": torch.tensor([1, 1])} for _ in range(count)]
     return images, targets
 
 

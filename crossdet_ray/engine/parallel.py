@@ -8,7 +8,9 @@ on the group the launcher made.
 
 The recipe is the single-process one: `--batch-size` is the global batch of one optimizer
 step, each of W workers takes batch / W, and DDP averages the gradients, so a W-worker step
-changes the weights as a one-worker step on the same global batch does.
+changes the weights as a one-worker step on the same global batch does. That holds only if
+no layer looks across the batch: the fusion modules' BatchNorms do (their training statistics
+are the batch's), so in a group they take the global batch's statistics (`GlobalBatchNorm2d`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as functional_collectives
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -49,6 +52,12 @@ class WorkerGroup:
         """True on every worker when it is True on any: all stop at the same batch."""
         return self.sum([1.0 if flag else 0.0])[0] > 0
 
+    def distribute(self, model: nn.Module) -> nn.Module:
+        """The model this worker trains: BatchNorm over the global batch, then the DDP wrap."""
+        if self.world_size > 1:
+            model = GlobalBatchNorm2d.convert(model)
+        return self.prepare_model(model)
+
     def per_worker_batch(self, global_batch: int) -> int:
         if global_batch % self.world_size:
             raise ValueError(f"--batch-size {global_batch} is not divisible by "
@@ -66,3 +75,79 @@ def single_process() -> WorkerGroup:
 def unwrap(model: nn.Module) -> nn.Module:
     """The detector inside a DDP wrap: its state dict has the plain (reference) keys."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the whole global batch, over every
+    data-parallel worker, as on one process holding the whole batch.
+
+    torch's SyncBatchNorm does this on GPUs only; this one uses torch.distributed's
+    differentiable (functional) all-reduce, so it works on any backend (gloo on the CPU,
+    NCCL). The backward all-reduce sends each worker's share of the statistics' gradient to
+    every worker, and DDP's gradient mean then gives the one-process gradient. Outside training (evaluation on
+    the main worker alone) it is a plain BatchNorm2d; its parameters, buffers and state-dict
+    keys are BatchNorm2d's, so checkpoints load into the plain model.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return super().forward(input)
+        features = input.float()
+        dims = (0, 2, 3)
+        count = torch.tensor([features.numel() / features.shape[1]], device=features.device)
+        # Two passes (mean, then the centred squares): E[x^2] - E[x]^2 loses digits.
+        total = _summed(torch.cat([features.sum(dims), count]))
+        items = total[-1]
+        mean = total[:-1] / items
+        centred = features - mean[None, :, None, None]
+        variance = _summed((centred * centred).sum(dims)) / items
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), variance.detach(), items.item())
+        scale = torch.rsqrt(variance + self.eps)
+        output = centred * scale[None, :, None, None]
+        if self.affine:
+            output = output * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return output.to(input.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, variance: torch.Tensor,
+                              items: float) -> None:
+        """As BatchNorm2d: momentum (or the cumulative mean), the unbiased variance."""
+        self.num_batches_tracked.add_(1)
+        momentum = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                    else self.momentum)
+        unbiased = variance * (items / max(items - 1, 1))
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+
+    @classmethod
+    def convert(cls, module: nn.Module) -> nn.Module:
+        """`module` with each BatchNorm2d replaced by one of these (same parameters/buffers)."""
+        if type(module) is nn.BatchNorm2d:
+            converted = cls(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, device=_device_of(module))
+            converted.load_state_dict(module.state_dict())
+            converted.train(module.training)
+            if module.affine:
+                converted.weight.requires_grad_(module.weight.requires_grad)
+                converted.bias.requires_grad_(module.bias.requires_grad)
+            return converted
+        for name, child in module.named_children():
+            replaced = cls.convert(child)
+            if replaced is not child:
+                setattr(module, name, replaced)
+        return module
+
+
+def _summed(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over every worker; its gradient is the sum of theirs (autograd)."""
+    return functional_collectives.wait_tensor(
+        functional_collectives.all_reduce(tensor, "sum", dist.group.WORLD))
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")

@@ -363,7 +363,7 @@ def fit(
             history["elapsed_sec"] = list(itertools.accumulate(history["epoch_times"]))
         logger.info("%s: resuming at epoch %d of %d", backbone, start_epoch, config.epochs)
     # Wrapped after the resume load: DDP starts every worker from rank 0's weights.
-    train_model = group.prepare_model(model)
+    train_model = group.distribute(model)
 
     elapsed_before = history["elapsed_sec"][-1] if history["elapsed_sec"] else 0.0
     num_parameters = count_parameters(model)

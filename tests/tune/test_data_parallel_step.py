@@ -10,7 +10,8 @@ losses are means over the anchors and RoIs its samplers keep; here the samplers 
 candidate (huge per-image sample sizes, no ignored IoU band, NMS that removes nothing, more
 proposals than post_nms_top_n on every frame), both frames have the same size and the same
 number of boxes, so every frame contributes the same count and the mean of the two workers'
-means is the global mean. Drop-path is off (its masks are random per sample).
+means is the global mean. Drop-path is off (its masks are random per sample). The fusion
+modules' BatchNorms take the global batch's statistics (engine/parallel.py), as on one process.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.ray
 FRAME = 128
 GLOBAL_BATCH = 2
 LR = 0.01
+ROUNDING_NOISE = 1e-9  # a weight update this small is float32 noise (see below)
 # Samplers and NMS that keep every candidate (see the module docstring).
 KEEP_EVERYTHING = dict(
     min_size=FRAME, max_size=FRAME,
@@ -67,7 +69,7 @@ def _one_step(model, group, samples):
     from crossdet_ray.engine.train import NullListener, train_one_epoch
 
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    wrapped = group.prepare_model(model)
+    wrapped = group.distribute(model)
     loader = group.prepare_loader(DataLoader(
         samples, batch_size=group.per_worker_batch(GLOBAL_BATCH), shuffle=False,
         collate_fn=collate_detection))
@@ -126,16 +128,25 @@ def test_a_two_worker_step_changes_the_weights_as_a_one_worker_step(two_worker_u
     reference, reference_sums = _one_step(_model(), single_process(), _batch())
     ddp = two_worker_update["update"]
     assert ddp.keys() == reference.keys()
+    weights = _model().state_dict()
     changed = worst = 0.0
     for name, expected in reference.items():
         if not expected.is_floating_point():
             continue
-        scale = expected.abs().max().item()
-        changed = max(changed, scale)
-        worst = max(worst, (ddp[name] - expected).abs().max().item() / max(scale, 1e-8)
-                    if scale > 1e-7 else (ddp[name] - expected).abs().max().item())
+        changed = max(changed, expected.abs().max().item())
+        if expected.abs().max() <= ROUNDING_NOISE:
+            # A gradient that is zero in exact arithmetic (a bias right before a BatchNorm,
+            # which removes it) leaves rounding noise only: the update must be as small.
+            assert ddp[name].abs().max() <= ROUNDING_NOISE, name
+            continue
+        # An update is after - before of float32 weights: it cannot be resolved finer than a
+        # few units in the last place of the weight itself, whatever the parallelism.
+        ulps = 4 * torch.finfo(torch.float32).eps * weights[name].abs()
+        tolerance = 1e-3 * expected.norm() + ulps.norm()
+        worst = max(worst, ((ddp[name] - expected).norm() / tolerance).item())
     assert changed > 1e-4, "the step did not change the weights: nothing was compared"
-    assert worst < 1e-3, f"the 2-worker update differs from the 1-worker one by {worst:.2e}"
+    assert worst < 1, (f"the 2-worker update differs from the 1-worker one by {worst:.2f}x the "
+                       "tolerance (1e-3 of the update's norm + 4 ulps of the weights)")
     # The logged loss is the mean of the workers' means, which here is the global mean.
     assert two_worker_update["sums"]["loss"] == pytest.approx(reference_sums["loss"], rel=1e-5)
 

@@ -1,0 +1,176 @@
+"""A data-parallel trial through the command, as a user runs it: 2 gloo workers on the CPU.
+
+    all_backbones.py --backbones mit_b0 --gpus-per-trial 0 --workers-per-trial 2 --batch-size 4
+
+Two runs, each checked for what every 2-worker trial must leave (one set of seed files, written
+by rank 0 only; two placements; weights in the reference layout):
+- a worker SIGKILLed after epoch 1 is logged, with --max-failures 1: Tune restarts the trial,
+  whose workers resume from epoch 1's checkpoint;
+- the driver SIGKILLed after epoch 1 is logged, then `--resume RUN_DIR`.
+Every command runs in a session of its own (tests/tune/helpers.py), so whatever it leaves
+running is found and killed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from .helpers import (
+    assert_epochs_once,
+    batch_rows,
+    epoch_rows,
+    kill_session,
+    logged_epochs,
+    poll_until,
+    process_ended,
+    run,
+    session_processes,
+    signal_once_logged,
+    small_run,
+    start,
+    training_info,
+)
+
+pytestmark = pytest.mark.ray
+
+TRIAL = "mit_b0"
+EPOCHS = 2
+WORKERS = 2
+GLOBAL_BATCH = 4
+MANIFEST = Path(__file__).resolve().parents[1] / "models" / "state_dict_manifest.json"
+
+
+def _two_worker_run(tiny_dataset: str, log_dir: Path, name: str, *extra: str) -> tuple[str, ...]:
+    # Two CPUs: 0.1 for the trial's own process, 0.95 for each worker (one torch thread).
+    return small_run(tiny_dataset, log_dir, name, EPOCHS, "--workers-per-trial", str(WORKERS),
+                     "--batch-size", str(GLOBAL_BATCH), "--cpus-per-trial", "2", *extra)
+
+
+def _resume(run_dir: Path, output_dir: Path, label: str):
+    return run(("--resume", str(run_dir), "--no-dashboard", "--verbose", "0"), output_dir, label)
+
+
+@pytest.fixture(scope="module")
+def killed_worker(tiny_dataset, tmp_path_factory):
+    """(trial dir, the killed worker's pid): rank 1 SIGKILLed once epoch 1 was logged."""
+    root = tmp_path_factory.mktemp("killed_worker")
+    trial = root / "logs" / "worker" / TRIAL
+    driver = start(_two_worker_run(tiny_dataset, root / "logs", "worker", "--max-failures", "1"),
+                   root, "run")
+    try:
+        if not poll_until(lambda: logged_epochs(trial) == [1], timeout=240,
+                          process=driver.process):
+            pytest.fail(f"epoch 1 was never logged: {driver.stderr[-3000:]}")
+        (victim,) = [p["pid"] for p in training_info(trial)["worker_placements"]
+                     if p["rank"] == 1]
+        os.kill(victim, signal.SIGKILL)
+        assert poll_until(lambda: process_ended(victim), timeout=30)
+        assert driver.wait(timeout=300) == 0, driver.stderr[-3000:]
+    finally:
+        driver.kill()
+    return trial, victim
+
+
+@pytest.fixture(scope="module")
+def resumed(tiny_dataset, tmp_path_factory):
+    """(trial dir, epochs logged before the kill): the driver SIGKILLed after epoch 1, resumed."""
+    root = tmp_path_factory.mktemp("resumed")
+    run_dir = root / "logs" / "resumed"
+    trial = run_dir / TRIAL
+    driver = start(_two_worker_run(tiny_dataset, root / "logs", "resumed"), root, "first")
+    try:
+        signal_once_logged(driver, lambda: len(logged_epochs(trial)), 1, signal.SIGKILL)
+        assert driver.process.wait(timeout=60) == -signal.SIGKILL
+        # Its Ray (raylet, the trial, both Train workers) goes down with it or is killed here.
+        assert kill_session(driver.pid), session_processes(driver.pid)
+    finally:
+        driver.kill()
+    done = logged_epochs(trial)
+    resumed_run = _resume(run_dir, root, "resume")
+    assert resumed_run.process.returncode == 0, resumed_run.stderr[-3000:]
+    return trial, done
+
+
+@pytest.fixture(params=["killed_worker", "resumed"])
+def finished_trial(request) -> Path:
+    return request.getfixturevalue(request.param)[0]
+
+
+# -- what every 2-worker trial leaves ---------------------------------------------------------
+def test_training_info_records_the_workers_and_their_share(finished_trial):
+    info = training_info(finished_trial)
+    assert info["status"] == "completed"
+    assert (info["workers"], info["per_worker_batch"]) == (WORKERS, GLOBAL_BATCH // WORKERS)
+    placements = info["worker_placements"]
+    assert sorted(p["rank"] for p in placements) == [0, 1]
+    assert len({p["pid"] for p in placements}) == WORKERS  # two processes, not one
+    assert all(p["node"] and p["node_id"] and p["gpu_ids"] == [] for p in placements)
+
+
+def test_one_set_of_seed_files_written_by_rank_0_only(finished_trial):
+    assert_epochs_once(finished_trial, EPOCHS)
+    # Each epoch's steps are those of one process taking the global batch: the rows of
+    # rank 1 (which would double them) are not there.
+    train_images = training_info(finished_trial)["train_images"]
+    rows = batch_rows(finished_trial)
+    for epoch in range(1, EPOCHS + 1):
+        assert sorted(int(r["batch"]) for r in rows if int(r["epoch"]) == epoch) == \
+            list(range(1, math.ceil(train_images / GLOBAL_BATCH) + 1))
+    # One checkpoint per epoch, each the epoch's own.
+    epoch_files = sorted((finished_trial / "checkpoints").glob("epoch_*.pth"))
+    assert [int(f.name[6:9]) for f in epoch_files] == list(range(1, EPOCHS + 1))
+    for path in epoch_files:
+        assert torch.load(path, weights_only=True)["epoch"] == int(path.name[6:9])
+    # The throughput counts the global batch's images: both workers' shares of the split
+    # (DistributedSampler pads it to a multiple of the workers), not one worker's half.
+    per_worker = math.ceil(train_images / WORKERS)
+    for row in epoch_rows(finished_trial):
+        counted = float(row["images_per_sec"]) * float(row["epoch_time_sec"])
+        assert counted == pytest.approx(per_worker * WORKERS, rel=1e-6)
+
+
+def test_the_checkpoint_has_the_reference_layout(finished_trial):
+    manifest = json.loads(MANIFEST.read_text())["backbones"][TRIAL]["state_dict"]
+    (newest,) = sorted((finished_trial / "checkpoints").glob(f"epoch_{EPOCHS:03d}_*.pth"))
+    state = torch.load(newest, weights_only=True)["model_state_dict"]
+    # The plain detector's keys: no DDP "module." prefix, the BatchNorms' own buffers.
+    assert {k: list(v.shape) for k, v in state.items()} == manifest
+
+    from crossdet_ray.models import build_detector
+
+    build_detector(TRIAL, num_classes=2).load_state_dict(state)  # strict
+
+
+# -- a killed worker ----------------------------------------------------------------------------
+def test_a_killed_worker_restarts_the_trial_from_its_checkpoint(killed_worker):
+    trial, victim = killed_worker
+    info = training_info(trial)
+    assert info["resumed_at_epochs"] == [2]
+    assert victim not in [p["pid"] for p in info["worker_placements"]]  # new workers
+    summary = json.loads((trial.parent / "final_summary.json").read_text())
+    (result,) = summary["results"]
+    assert result["status"] == "completed"
+
+    from ray import tune
+
+    (tune_trial,) = tune.ExperimentAnalysis(str(trial.parent)).trials
+    assert tune_trial.num_failures == 1
+
+
+# -- the driver killed, then --resume -------------------------------------------------------------
+def test_a_resumed_two_worker_trial_continues_from_epoch_1s_checkpoint(resumed):
+    trial, done = resumed
+    assert done == [1], "the kill did not fall between epoch 1 and epoch 2"
+    assert training_info(trial)["resumed_at_epochs"] == [2]
+    epoch_1, epoch_2 = (torch.load(path, weights_only=True) for path in
+                        sorted((trial / "checkpoints").glob("epoch_*.pth")))
+    # Epoch 2 carries epoch 1's history as its checkpoint saved it: it started from there.
+    assert epoch_2["history"]["epoch_losses"][0] == epoch_1["history"]["epoch_losses"][0]
+    assert epoch_2["history"]["elapsed_sec"][0] == epoch_1["history"]["elapsed_sec"][0]
