@@ -164,7 +164,8 @@ def test_user_mistakes_about_the_run_directory_exit_2(tiny_dataset, tmp_path):
     _assert_one_clear_error(_run(*_small(tiny_dataset, tmp_path / "logs", "--name", "taken")),
                             "already holds a run", "--resume")
 
-    _assert_one_clear_error(_run("--resume", str(tmp_path / "no_such_run"), "--no-dashboard", "--no-evaluate"),
+    _assert_one_clear_error(_run("--resume", str(tmp_path / "no_such_run"), "--no-dashboard",
+                                 "--no-evaluate"),
                             "--resume", "no_such_run")
 
 

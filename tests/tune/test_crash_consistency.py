@@ -43,7 +43,8 @@ def _epoch_files(trial_dir) -> list:
 
 
 def _resume(run_dir, output_dir, label: str):
-    return run(("--resume", str(run_dir), "--no-dashboard", "--no-evaluate", "--verbose", "0"), output_dir, label)
+    return run(("--resume", str(run_dir), "--no-dashboard", "--no-evaluate", "--verbose", "0"),
+               output_dir, label)
 
 
 # -- the driver killed mid-run ----------------------------------------------------------------

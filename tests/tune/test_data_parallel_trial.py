@@ -54,7 +54,7 @@ def _two_worker_run(tiny_dataset: str, log_dir: Path, name: str, *extra: str) ->
 
 
 def _resume(run_dir: Path, output_dir: Path, label: str):
-    return run(("--resume", str(run_dir), "--no-dashboard", "--verbose", "0"), output_dir, label)
+    return run(("--resume", str(run_dir), "--no-dashboard", "--no-evaluate", "--verbose", "0"), output_dir, label)
 
 
 @pytest.fixture(scope="module")
