@@ -73,7 +73,7 @@ def test_resume_after_sigint_trains_no_epoch_twice(tiny_dataset, tmp_path):
     run_dir = tmp_path / "logs" / "interrupted"
     args = _small(tiny_dataset, tmp_path / "logs", "--name", "interrupted", "--epochs", "4",
                   "--gpus-per-trial", "0", "--cpus-per-trial", "1")
-    args = tuple(a for a in args if a != "--no-dashboard", "--no-evaluate")  # this run shows its dashboard
+    args = tuple(a for a in args if a != "--no-dashboard")  # this run shows its dashboard
     process = subprocess.Popen(_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, cwd=ROOT, env=ray_env())
     trial = run_dir / "mit_b0"

@@ -25,7 +25,7 @@ def _dashboard_run(tiny_dataset: str, tmp_path: Path, host: str) -> tuple[str, i
     """Start a run with `--dashboard-host host`; the (host, port) its log names, checked to
     answer while the run is alive. The run is then ended: only its start matters here."""
     args = [a for a in small_run(tiny_dataset, tmp_path / "logs", "dash", 2)
-            if a != "--no-dashboard", "--no-evaluate"]
+            if a != "--no-dashboard"]
     command = start([*args, "--dashboard-host", host], tmp_path, "dash")
     try:
         found = {}
