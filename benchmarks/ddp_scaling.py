@@ -10,7 +10,8 @@ drift in the machine's speed shows. Each figure is global images / step time aft
 steps, from the median step and from the fastest: on a machine other work shares, the fastest
 step is the one least slowed by it. Efficiency = 2-worker images/s / 1-process images/s (the
 1-process runs' better figure): 1.0 is perfect scaling of the same two cores; what is lost is
-the gradient and BatchNorm all-reduces and the workers' own overheads.
+the gradient and BatchNorm all-reduces and the workers' own overheads. A last run times one
+worker's share alone (half the batch, one thread, no DDP): the ceiling of the 2-worker figure.
 Prints a table and writes benchmarks/results/ddp_scaling.json.
 """
 
@@ -123,9 +124,13 @@ def main() -> None:
         workers = two_workers(args.backbone, args.batch_size, args.steps,
                               Path(scratch) / "steps.pt")
         after = one_process(args.backbone, args.batch_size, args.steps, threads=2)
+        # What one worker computes, without the other or any all-reduce: the 2-worker
+        # figure's ceiling (as if two of these ran side by side for free).
+        half = one_process(args.backbone, args.batch_size // 2, args.steps, threads=1)
 
     runs = (("1 process x 2 threads (before)", before), ("2 workers x 1 thread", workers),
-            ("1 process x 2 threads (after)", after))
+            ("1 process x 2 threads (after)", after),
+            ("1 worker's share alone (1 thread, batch / 2, no DDP)", half))
     rates = {statistic: {name: args.batch_size / pick(times) for name, times in runs}
              for statistic, pick in (("median", median), ("fastest", min))}
     efficiency = {statistic: rate["2 workers x 1 thread"] / max(rate[runs[0][0]], rate[runs[2][0]])
@@ -138,7 +143,8 @@ def main() -> None:
     print("efficiency (2 workers / the better 1-process run): "
           f"{efficiency['median']:.2f} (median steps), {efficiency['fastest']:.2f} (fastest)")
     write_results(args, images_per_sec=rates, step_seconds={
-        "one_process_before": before, "two_workers": workers, "one_process_after": after},
+        "one_process_before": before, "two_workers": workers, "one_process_after": after,
+        "half_batch_one_thread": half},
         efficiency=efficiency, cpu_count=os.cpu_count(), load_average=os.getloadavg())
 
 
