@@ -58,25 +58,6 @@ def test_impossible_requests_fail_with_advice():
         check_feasible({"mit_b5": TrialResources(cpu=32, gpu=0)}, ONE_GPU)
     check_feasible(plan, NO_GPU, autoscaling=True)  # nodes to come may have GPUs
 
-
-def test_threads_follow_the_cpu_share():
-    assert torch_threads_for(0.4) == 1
-    assert torch_threads_for(4) == 4
-
-
-def test_gpu_memory_comes_from_the_nodes_stated_resources():
-    small = {"CPU": 8, "GPU": 1, "gpu_memory_24gb": 1}
-    large = {"CPU": 8, "GPU": 1, "gpu_memory_48gb": 1}
-    head = {"CPU": 0}
-    # cluster.yaml's node types: packed for the smallest GPU, whatever the head has.
-    assert cluster_gpu_memory_gb([head, small, large], None) == 24
-    assert cluster_gpu_memory_gb([head, large], None) == 48
-    # A GPU node that states nothing has the planner's own GPU, else the default.
-    assert cluster_gpu_memory_gb([large, {"CPU": 8, "GPU": 1}], 16.0) == 16
-    assert cluster_gpu_memory_gb([{"CPU": 8, "GPU": 1}], None) == DEFAULT_GPU_MEMORY_GB
-    assert cluster_gpu_memory_gb([head], 40.0) == 40
-
-
 # -- data-parallel workers (--workers-per-trial) ------------------------------------------------
 def _workers(text: str, gpus: float, batch: int = 4, cpus: float = 2.0, backbone="mit_b0"):
     plan = {backbone: TrialResources(cpu=cpus, gpu=gpus)}
@@ -128,3 +109,22 @@ def test_data_parallel_trials_run_only_as_many_at_once_as_fit_whole():
     assert max_concurrent_trials([two_workers, two_workers], NO_GPU) == 1
     assert max_concurrent_trials([TrialResources(cpu=1, gpu=0)] * 2, NO_GPU) is None
     assert max_concurrent_trials([two_workers, two_workers], NO_GPU, autoscaling=True) is None
+
+
+def test_threads_follow_the_cpu_share():
+    assert torch_threads_for(0.4) == 1
+    assert torch_threads_for(4) == 4
+
+
+def test_gpu_memory_comes_from_the_nodes_stated_resources():
+    small = {"CPU": 8, "GPU": 1, "gpu_memory_24gb": 1}
+    large = {"CPU": 8, "GPU": 1, "gpu_memory_48gb": 1}
+    head = {"CPU": 0}
+    # cluster.yaml's node types: packed for the smallest GPU, whatever the head has.
+    assert cluster_gpu_memory_gb([head, small, large], None) == 24
+    assert cluster_gpu_memory_gb([head, large], None) == 48
+    # A GPU node that states nothing has the planner's own GPU, else the default.
+    assert cluster_gpu_memory_gb([large, {"CPU": 8, "GPU": 1}], 16.0) == 16
+    assert cluster_gpu_memory_gb([{"CPU": 8, "GPU": 1}], None) == DEFAULT_GPU_MEMORY_GB
+    assert cluster_gpu_memory_gb([head], 40.0) == 40
+
