@@ -58,6 +58,7 @@ def test_impossible_requests_fail_with_advice():
         check_feasible({"mit_b5": TrialResources(cpu=32, gpu=0)}, ONE_GPU)
     check_feasible(plan, NO_GPU, autoscaling=True)  # nodes to come may have GPUs
 
+
 # -- data-parallel workers (--workers-per-trial) ------------------------------------------------
 def _workers(text: str, gpus: float, batch: int = 4, cpus: float = 2.0, backbone="mit_b0"):
     plan = {backbone: TrialResources(cpu=cpus, gpu=gpus)}
@@ -127,4 +128,3 @@ def test_gpu_memory_comes_from_the_nodes_stated_resources():
     assert cluster_gpu_memory_gb([large, {"CPU": 8, "GPU": 1}], 16.0) == 16
     assert cluster_gpu_memory_gb([{"CPU": 8, "GPU": 1}], None) == DEFAULT_GPU_MEMORY_GB
     assert cluster_gpu_memory_gb([head], 40.0) == 40
-
