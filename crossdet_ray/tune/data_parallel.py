@@ -136,7 +136,10 @@ def train_with_workers(config: dict[str, Any], train_config: TrainConfig,
                 # the trial's node, out of the run directory.
                 name=f"{trial['name']}_{trial_id}_{int(time.time())}",
                 storage_path=tempfile.gettempdir() + "/crossdet_ray_train",
-                failure_config=ray.train.FailureConfig(max_failures=0)),
+                failure_config=ray.train.FailureConfig(max_failures=0),
+                # Ray Train routes every print() of its workers to its logger, past the
+                # engine's redirect of pycocotools' progress: keep print() as it is.
+                worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
         )
         logger.info("%s: training on %d data-parallel workers (%s each)", trial["name"],
                     resources.workers, worker)

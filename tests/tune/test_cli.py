@@ -55,6 +55,8 @@ def test_missing_data_folder(tmp_path):
     (("--gpus-per-trial", "lots"), "--gpus-per-trial"),
     (("--backbones", "mit_b9"), "mit_b9"),
     (("--epochs", "0"), "--epochs"),
+    (("--workers-per-trial", "2", "--batch-size", "3", "--gpus-per-trial", "0"),
+     "--batch-size 3 is not divisible by --workers-per-trial 2"),
 ])
 def test_bad_flag_values(tiny_dataset, tmp_path, flags, fragment):
     result = _run(*_small(tiny_dataset, tmp_path / "logs"), *flags, timeout=120)

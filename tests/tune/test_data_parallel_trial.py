@@ -59,7 +59,8 @@ def _resume(run_dir: Path, output_dir: Path, label: str):
 
 @pytest.fixture(scope="module")
 def killed_worker(tiny_dataset, tmp_path_factory):
-    """(trial dir, the killed worker's pid): rank 1 SIGKILLed once epoch 1 was logged."""
+    """(trial dir, the killed worker's pid, the command's output): rank 1 SIGKILLed once
+    epoch 1 was logged."""
     root = tmp_path_factory.mktemp("killed_worker")
     trial = root / "logs" / "worker" / TRIAL
     driver = start(_two_worker_run(tiny_dataset, root / "logs", "worker", "--max-failures", "1"),
@@ -75,7 +76,7 @@ def killed_worker(tiny_dataset, tmp_path_factory):
         assert driver.wait(timeout=300) == 0, driver.stderr[-3000:]
     finally:
         driver.kill()
-    return trial, victim
+    return trial, victim, driver.stdout + driver.stderr
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +149,15 @@ def test_the_checkpoint_has_the_reference_layout(finished_trial):
     build_detector(TRIAL, num_classes=2).load_state_dict(state)  # strict
 
 
+def test_the_workers_evaluation_stays_quiet(killed_worker):
+    """pycocotools' progress, which the engine swallows, is not printed by the workers."""
+    output = killed_worker[2]
+    assert "Average Precision" not in output and "index created" not in output, output[-3000:]
+
+
 # -- a killed worker ----------------------------------------------------------------------------
 def test_a_killed_worker_restarts_the_trial_from_its_checkpoint(killed_worker):
-    trial, victim = killed_worker
+    trial, victim, _ = killed_worker
     info = training_info(trial)
     assert info["resumed_at_epochs"] == [2]
     assert victim not in [p["pid"] for p in info["worker_placements"]]  # new workers

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from crossdet_ray.tune.resources import (
@@ -5,9 +7,11 @@ from crossdet_ray.tune.resources import (
     ClusterShape,
     ResourceError,
     TrialResources,
+    assign_workers,
     check_feasible,
     cluster_gpu_memory_gb,
     parse_gpus_per_trial,
+    parse_workers_per_trial,
     plan_resources,
     torch_threads_for,
 )
@@ -53,6 +57,59 @@ def test_impossible_requests_fail_with_advice():
     with pytest.raises(ResourceError, match="16 CPU"):
         check_feasible({"mit_b5": TrialResources(cpu=32, gpu=0)}, ONE_GPU)
     check_feasible(plan, NO_GPU, autoscaling=True)  # nodes to come may have GPUs
+
+
+# -- data-parallel workers (--workers-per-trial) ------------------------------------------------
+def _workers(text: str, gpus: float, batch: int = 4, cpus: float = 2.0, backbone="mit_b0"):
+    plan = {backbone: TrialResources(cpu=cpus, gpu=gpus)}
+    return assign_workers(plan, parse_workers_per_trial(text, [backbone]), batch)[backbone]
+
+
+def test_auto_workers_are_the_trials_whole_gpus_else_one():
+    assert _workers("auto", gpus=2).workers == 2
+    assert _workers("auto", gpus=0.5).workers == 1
+    assert _workers("auto", gpus=0).workers == 1
+    assert _workers("mit_b5=4,default=1", gpus=0, backbone="mit_b0").workers == 1
+    assert _workers("mit_b5=4,default=1", gpus=4, backbone="mit_b5").workers == 4
+
+
+def test_a_two_worker_cpu_trial_splits_its_cpus_between_its_process_and_workers():
+    trial = _workers("2", gpus=0, cpus=2)
+    assert trial.workers == 2 and trial.data_parallel
+    process, worker = trial.as_bundle(), trial.worker_bundle()
+    assert "GPU" not in worker and "GPU" not in process
+    # Everything held together fits in the trial's 2 CPUs, and each worker gets most of one.
+    assert process["CPU"] + 2 * worker["CPU"] <= 2 + 1e-9
+    assert worker["CPU"] >= 0.9
+
+
+def test_each_gpu_worker_holds_one_whole_gpu():
+    trial = _workers("auto", gpus=2, cpus=8)
+    assert trial.worker_bundle()["GPU"] == 1.0 and "GPU" not in trial.as_bundle()
+
+
+@pytest.mark.parametrize("text, gpus, batch, cpus, message", [
+    ("1.5", 0, 4, 2, "--workers-per-trial: '1.5' is not a whole number"),
+    ("0", 0, 4, 2, "--workers-per-trial: 0 must be at least 1"),
+    ("mit_b5=2", 0, 4, 2, "--workers-per-trial: no value for mit_b0"),
+    ("2", 0.5, 4, 2, "each need one whole GPU"),
+    ("3", 2, 6, 2, "--gpus-per-trial 2 with --workers-per-trial 3"),
+    ("2", 0, 3, 2, "--batch-size 3 is not divisible by --workers-per-trial 2"),
+    ("2", 0, 4, 0.2, "raise --cpus-per-trial to at least 0.3"),
+])
+def test_bad_worker_requests_are_explained(text, gpus, batch, cpus, message):
+    with pytest.raises(ResourceError, match=re.escape(message)):
+        _workers(text, gpus=gpus, batch=batch, cpus=cpus)
+
+
+def test_data_parallel_trials_run_only_as_many_at_once_as_fit_whole():
+    from crossdet_ray.tune.launcher import max_concurrent_trials
+
+    two_workers = TrialResources(cpu=2, gpu=0, workers=2)
+    # Two such trials on 2 CPUs: the second's process would hold CPU its workers need.
+    assert max_concurrent_trials([two_workers, two_workers], NO_GPU) == 1
+    assert max_concurrent_trials([TrialResources(cpu=1, gpu=0)] * 2, NO_GPU) is None
+    assert max_concurrent_trials([two_workers, two_workers], NO_GPU, autoscaling=True) is None
 
 
 def test_threads_follow_the_cpu_share():
