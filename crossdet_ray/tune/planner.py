@@ -213,7 +213,7 @@ def simulate(requests: list[TrialRequest], allocations: list[Allocation],
 def _place(allocation: Allocation, used: dict[tuple[int, int], float],
            nodes: list[GpuNode]) -> list[tuple[int, int]] | None:
     if allocation.whole:
-        wanted = max(1, allocation.workers)
+        wanted = max(1, allocation.workers, int(allocation.gpus))
         for n, node in enumerate(nodes):
             free = [(n, g) for g in range(node.gpus) if used[(n, g)] <= 1e-9]
             if len(free) >= wanted:
@@ -315,7 +315,7 @@ def plan_trials(requests: list[TrialRequest], nodes: list[GpuNode], workload: Wo
                         choice, current, improved = trial_choice, trial_score, True
             if not improved:
                 break
-        if current < best_score:
+        if best is None or current < best_score:
             best, best_score = choice, current
     allocations = allocations_of(best)
     total_cpus = sum(n.cpus for n in nodes)

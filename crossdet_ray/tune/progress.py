@@ -49,7 +49,7 @@ class TrialLinesReporter(ProgressReporter):
         self.run_storage = run_storage
         self.epochs = epochs
         self.batches_per_epoch = batches_per_epoch
-        self.stream = stream or sys.stdout
+        self.stream = stream  # None: sys.stdout at each report (Tune pickles the reporter)
         self.started = time.time()
         self._last_report = 0.0
         self._last_statuses: dict[str, str] = {}
@@ -73,7 +73,7 @@ class TrialLinesReporter(ProgressReporter):
                   + f" | {self.run_storage.uri()}")
         lines = [header] + [self.trial_line(trial, now) for trial in
                             sorted(trials, key=lambda t: t.config["trial"]["name"])]
-        print("\n".join(lines), file=self.stream, flush=True)
+        print("\n".join(lines), file=self.stream or sys.stdout, flush=True)
 
     def trial_line(self, trial, now: float) -> str:
         name = trial.config["trial"]["name"]
