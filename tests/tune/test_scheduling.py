@@ -58,7 +58,7 @@ def test_five_trials_at_a_fifth_of_a_gpu_run_at_once(local_ray, tiny_dataset, tm
     assert max_concurrency(spans) == 5
     for name in names:
         info = training_info(run_dir / name)
-        assert info["resources"] == {"cpu": 1.0, "gpu": 0.2}
+        assert info["resources"] == {"cpu": 1.0, "gpu": 0.2, "workers": 1}
         # The trial's share of the logical GPU is GPU 0: a real one where CUDA sees it, else
         # the trial trains on the CPU (with a warning).
         assert info["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,7 +75,10 @@ def test_half_gpu_trials_run_two_at_a_time(local_ray, tiny_dataset, tmp_path):
 
 
 def test_impossible_request_fails_before_any_trial(local_ray, tiny_dataset, tmp_path):
-    with pytest.raises(ResourceError, match="largest node has 1 GPU"):
+    # Two GPUs a trial means two data-parallel workers of one GPU each (--workers-per-trial
+    # auto); a cluster of one GPU holds one.
+    with pytest.raises(ResourceError, match="2 workers of .* and 1 GPU each, but the cluster "
+                                            "holds only 1 such workers"):
         launch(_config(tiny_dataset, tmp_path, "impossible", gpus_per_trial="2"))
     # Before any trial: no run directory, so no Tune experiment and no trial files.
     assert not (tmp_path / "impossible").exists()
