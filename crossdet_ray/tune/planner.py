@@ -30,7 +30,7 @@ from typing import Any, Iterable
 from crossdet_ray.backbones import get_backbone
 from crossdet_ray.tune.cluster import NodeType, PlanForError  # noqa: F401 (callers' error)
 from crossdet_ray.tune.cluster import parse_plan_for as parse_node_types
-from crossdet_ray.tune.resources import DEFAULT_GPU_MEMORY_GB
+from crossdet_ray.tune.resources import DEFAULT_GPU_MEMORY_GB, shared_cpus
 
 REGISTRY_BATCH = 2  # the registry's memory and step time are at batch 2 ...
 REGISTRY_SIDE = 800  # ... of 800x1333 frames
@@ -318,8 +318,7 @@ def plan_trials(requests: list[TrialRequest], nodes: list[GpuNode], workload: Wo
         if best is None or current < best_score:
             best, best_score = choice, current
     allocations = allocations_of(best)
-    total_cpus = sum(n.cpus for n in nodes)
-    cpus = cpus_per_trial or max(0.1, math.floor(total_cpus / max(len(requests), 1) * 100) / 100)
+    cpus = cpus_per_trial or _shared_cpus(nodes, len(requests))
     finish = [f if a.gpus > 0 else cpu_hours(r.backbone, workload, cpus) for r, a, f in
               zip(requests, allocations, simulate(requests, allocations, gpu_nodes, workload))]
     one_each = simulate(requests, [_nearest(options[r.backbone], 1.0) if fixed is None
@@ -329,7 +328,7 @@ def plan_trials(requests: list[TrialRequest], nodes: list[GpuNode], workload: Wo
     work = sum(gpu_hours_alone(r.backbone, workload) for r in requests)
     trials = [PlannedTrial(
         trial=r.trial, backbone=r.backbone, gpus=a.gpus, workers=a.workers,
-        cpus=float(cpus if cpus < 1 else math.floor(cpus)), predicted_hours=round(f, 3),
+        cpus=float(cpus), predicted_hours=round(f, 3),
         memory_gb_per_worker=round(memory_gb(r.backbone, workload,
                                              workload.batch_size // a.workers), 1)
         if a.gpus > 0 else 0.0)
@@ -368,13 +367,19 @@ def _nearest(options: list[Allocation], gpus: float) -> Allocation:
     return min(options, key=lambda a: (abs(a.gpus - gpus), a.gpus))
 
 
+def _shared_cpus(nodes: list[GpuNode], num_trials: int) -> float:
+    """The command's default CPUs per trial (resources.shared_cpus) for these nodes."""
+    return shared_cpus(sum(n.cpus for n in nodes), max((n.cpus for n in nodes), default=0),
+                       num_trials)
+
+
 def _cpu_plan(requests, nodes, workload, cpus_per_trial) -> Plan:
     total_cpus = sum(n.cpus for n in nodes)
-    cpus = cpus_per_trial or max(0.1, math.floor(total_cpus / max(len(requests), 1) * 100) / 100)
+    cpus = cpus_per_trial or _shared_cpus(nodes, len(requests))
     hours = [cpu_hours(r.backbone, workload, cpus) for r in requests]
     work = sum(cpu_hours(r.backbone, workload, CPU_REFERENCE_THREADS) for r in requests)
     trials = [PlannedTrial(trial=r.trial, backbone=r.backbone, gpus=0.0, workers=1,
-                           cpus=float(cpus if cpus < 1 else math.floor(cpus)),
+                           cpus=float(cpus),
                            predicted_hours=round(h, 3), memory_gb_per_worker=0.0)
               for r, h in zip(requests, hours)]
     return Plan(trials=trials, predicted_makespan_hours=round(max(hours, default=0), 3),

@@ -172,6 +172,14 @@ def _floor(value: float, step: float = 0.01) -> float:
     return math.floor(value / step + 1e-9) * step
 
 
+def shared_cpus(total_cpus: float, largest_node_cpus: float, num_trials: int) -> float:
+    """Each trial's CPUs when `--cpus-per-trial` is not given: the cluster's shared out, never
+    below a tenth of one (Ray then queues trials), never above one node's (a trial runs on
+    one node, so no trial could get more), whole CPUs from one up."""
+    cpus = max(0.1, _floor(min(total_cpus / max(num_trials, 1), largest_node_cpus)))
+    return float(math.floor(cpus)) if cpus >= 1 else cpus
+
+
 def plan_resources(
     request: GpuRequest,
     backbones: list[str],
@@ -183,13 +191,8 @@ def plan_resources(
     an LR grid share it); `auto` GPUs are chosen by the planner (launcher.plan_run)."""
     num_trials = len(backbones) * num_trials_per_backbone
     if cpus_per_trial is None:
-        # Share the cluster's CPUs out, never below a tenth of one: Ray then queues trials;
-        # never above one node's, which no trial could then get (a trial runs on one node).
         largest_node = max((n.get("CPU", 0) for n in cluster.nodes), default=cluster.total_cpus)
-        cpus_per_trial = max(0.1, _floor(min(cluster.total_cpus / max(num_trials, 1),
-                                             largest_node)))
-        if cpus_per_trial >= 1:
-            cpus_per_trial = math.floor(cpus_per_trial)
+        cpus_per_trial = shared_cpus(cluster.total_cpus, largest_node, num_trials)
     elif cpus_per_trial <= 0:
         raise ResourceError("--cpus-per-trial must be > 0")
 

@@ -81,8 +81,6 @@ def _one_step(model, group, samples):
 
 
 def _worker(config):
-    import ray.train
-
     from crossdet_ray.tune.data_parallel import ray_worker_group
 
     torch.set_num_threads(1)
