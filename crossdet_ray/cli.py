@@ -8,12 +8,37 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from crossdet_ray.backbones import BACKBONE_REGISTRY
 from crossdet_ray.config import BACKBONES, MLFLOW_DEFAULT, TrainConfig
 
 EXIT_USER_ERROR = 2
+
+# Named sets of defaults; a flag given on the command line still wins over its preset value.
+# quick: the first run on a laptop. All five backbones learn a small easy built-in set (a few
+# large objects) at a small resize, so on 2 CPU cores it ends in about 5 minutes with the small
+# backbones' test mAP50 clearly above 0; one epoch checkpoint per backbone is kept.
+PRESETS: dict[str, dict[str, object]] = {
+    "quick": {
+        "epochs": 3, "lr": 0.01, "min_size": 64, "max_size": 96,
+        "num_workers": 0, "keep_checkpoints": 1, "synthetic_images": 40,
+        "synthetic_frame_size": "96x144", "synthetic_objects": "large",
+    },
+}
+
+
+def _describe_preset(name: str) -> str:
+    return " ".join(f"--{flag.replace('_', '-')} {value}" for flag, value in PRESETS[name].items())
+
+
+def _frame_size(text: str) -> int | str:
+    """--synthetic-frame-size: a side (square frames) or HEIGHTxWIDTH."""
+    parts = text.lower().split("x")
+    if len(parts) in (1, 2) and all(part.isdigit() and int(part) > 0 for part in parts):
+        return int(text) if len(parts) == 1 else f"{int(parts[0])}x{int(parts[1])}"
+    raise argparse.ArgumentTypeError(f"{text!r}: give a side (96) or HEIGHTxWIDTH (96x144)")
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -38,6 +63,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         description="Train CrossAttentionDet backbones at once, each a Ray Tune trial.",
         formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="a named set of defaults that explicit flags override; quick = "
+                             + _describe_preset("quick")
+                             + " (all five backbones in about 5 minutes on 2 CPU cores)")
     seed = parser.add_argument_group("training (the reference script's flags)")
     seed.add_argument("--data", default=None,
                       help="data directory with images/ and labels/ (default: the built-in "
@@ -140,9 +169,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                 "now")
     ray_group.add_argument("--synthetic-images", type=int, default=64,
                            help="frames in the built-in dataset (without --data)")
-    ray_group.add_argument("--synthetic-frame-size", type=int, default=None,
-                           help="square frames of this size for the built-in dataset "
-                                "(default: the real dataset's sizes)")
+    ray_group.add_argument("--synthetic-frame-size", type=_frame_size, default=None,
+                           metavar="SIDE|HxW",
+                           help="frames of this size for the built-in dataset: a side (square) "
+                                "or HEIGHTxWIDTH (default: the real dataset's sizes)")
+    ray_group.add_argument("--synthetic-objects", choices=("real", "large"), default="real",
+                           help="objects of the built-in dataset: real = 1-5 boxes of 6-30%% of "
+                                "the short side, like the real data; large = 1-2 boxes of "
+                                "35-55%%, learnt within minutes on a CPU")
     ray_group.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
                            help="Tune's progress output")
     return parser
@@ -167,13 +201,28 @@ def config_from_args(args: argparse.Namespace):
         keep_checkpoints=args.keep_checkpoints, dashboard=not args.no_dashboard,
         dashboard_host=args.dashboard_host, autoscaling=args.autoscaling,
         synthetic_images=args.synthetic_images, synthetic_frame_size=args.synthetic_frame_size,
+        synthetic_objects=args.synthetic_objects, preset=args.preset,
         verbose=args.verbose, skip_disk_check=args.skip_disk_check, plan_only=args.plan_only,
         plan_for=args.plan_for, init_from=args.init_from, mlflow=args.mlflow,
     )
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with a --preset's values as the defaults of the flags not given."""
+    parser = build_parser()
+    preset = argparse.ArgumentParser(add_help=False)
+    preset.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    known, _ = preset.parse_known_args(argv)
+    if known.preset:
+        parser.set_defaults(**PRESETS[known.preset])
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    # Tune warns whenever a callback takes over 0.5 s, which every trial's start-up does on a
+    # busy laptop; read when Ray Tune is imported, so set before the launcher brings it in.
+    os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "10")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from crossdet_ray.data import DatasetError
     from crossdet_ray.engine.checkpoint import CheckpointError

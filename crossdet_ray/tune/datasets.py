@@ -20,8 +20,31 @@ logger = logging.getLogger(__name__)
 DEFAULT_CACHE = Path(os.environ.get("CROSSDET_CACHE", Path.home() / ".cache" / "crossdet_ray"))
 
 
-def synthetic_spec(num_images: int, seed: int, frame_size: int | None = None) -> dict[str, Any]:
-    return {"kind": "synthetic", "num_images": num_images, "seed": seed, "frame_size": frame_size}
+# What `--synthetic-objects` names: the real-like default (1-5 boxes of 6-30 % of the short
+# side), or a few large ones a small detector learns within minutes on a CPU (the quick start).
+SYNTHETIC_OBJECTS: dict[str, dict[str, Any]] = {
+    "real": {},
+    "large": {"max_objects": 2, "object_scale": (0.35, 0.55)},
+}
+
+
+def synthetic_spec(num_images: int, seed: int, frame_size: int | str | None = None,
+                   objects: str = "real") -> dict[str, Any]:
+    """`frame_size`: None (the real dataset's sizes), a side (square frames) or "HxW"."""
+    spec = {"kind": "synthetic", "num_images": num_images, "seed": seed, "frame_size": frame_size}
+    if objects != "real":  # left out at the default, so older run_config.json files still match
+        spec["objects"] = objects
+    return spec
+
+
+def frame_sizes(frame_size: int | str | None) -> list[tuple[int, int]] | None:
+    """(height, width) choices for the generator from a spec's frame_size."""
+    if frame_size is None:
+        return None
+    if isinstance(frame_size, int) or str(frame_size).isdigit():
+        return [(int(frame_size), int(frame_size))]
+    height, width = (int(part) for part in str(frame_size).lower().split("x"))
+    return [(height, width)]
 
 
 def folder_spec(path: str) -> dict[str, Any]:
@@ -31,6 +54,9 @@ def folder_spec(path: str) -> dict[str, Any]:
 def synthetic_dir(spec: dict[str, Any], cache: Path = DEFAULT_CACHE) -> Path:
     size = spec.get("frame_size")
     suffix = f"_{size}px" if size else ""
+    objects = spec.get("objects", "real")
+    if objects != "real":
+        suffix += f"_{objects}"
     return cache / f"synthetic_n{spec['num_images']}_seed{spec['seed']}{suffix}"
 
 
@@ -47,9 +73,9 @@ def ensure_dataset(spec: dict[str, Any], cache: Path = DEFAULT_CACHE) -> str:
     logger.info("generating the built-in synthetic dataset once, into %s (later runs reuse it)",
                 target)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    size = spec.get("frame_size")
     generate_dataset(staging, spec["num_images"], seed=spec["seed"],
-                     sizes=[(size, size)] if size else None)
+                     sizes=frame_sizes(spec.get("frame_size")),
+                     **SYNTHETIC_OBJECTS[spec.get("objects", "real")])
     try:
         os.rename(staging, target)
     except OSError:  # another trial won the race; its copy is identical

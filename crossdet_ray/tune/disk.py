@@ -22,14 +22,22 @@ HEADROOM = 1.05  # leave 5% of the estimate free
 
 @dataclass(frozen=True)
 class DiskEstimate:
-    total_bytes: int
+    total_bytes: int  # the most it can write: the best epochs kept beside the newest ones
     per_trial_bytes: dict[str, int]
     epoch_files_per_trial: int
+    # What it writes when the best-loss and best-mAP epochs are among the newest kept (a
+    # run that keeps learning); equal to total_bytes when every epoch is kept.
+    usual_bytes: int = 0
+    usual_epoch_files_per_trial: int = 0
 
     def describe(self) -> str:
         largest = max(self.per_trial_bytes.items(), key=lambda item: item[1])
-        return (f"{_gb(self.total_bytes)} ({self.epoch_files_per_trial} epoch checkpoint(s) "
+        text = (f"{_gb(self.total_bytes)} ({self.epoch_files_per_trial} epoch checkpoint(s) "
                 f"kept per trial; the largest, {largest[0]}, {_gb(largest[1])})")
+        if self.usual_bytes and self.usual_bytes < self.total_bytes:
+            text = (f"at most {text}, or {_gb(self.usual_bytes)} when the best epochs are "
+                    f"among the newest {self.usual_epoch_files_per_trial} kept")
+        return text
 
 
 def _gb(size: float) -> str:
@@ -41,14 +49,18 @@ def estimate_run_bytes(trials: dict[str, str], epochs: int,
     """`trials` maps each trial's name to its backbone."""
     # --keep-checkpoints N keeps the last N, plus the best-loss and best-mAP epochs if older.
     kept = epochs if keep_checkpoints is None else min(epochs, keep_checkpoints + 2)
-    per_trial = {}
-    for name, backbone in trials.items():
+    usual_kept = epochs if keep_checkpoints is None else min(epochs, keep_checkpoints)
+
+    def trial_bytes(backbone: str, epoch_files: int) -> int:
         parameters = get_backbone(backbone).parameters
-        per_trial[name] = (kept * EPOCH_FILE_BYTES_PER_PARAMETER * parameters
-                           + FINAL_WEIGHTS_BYTES_PER_PARAMETER * parameters
-                           + LOG_BYTES_PER_TRIAL)
+        return (epoch_files * EPOCH_FILE_BYTES_PER_PARAMETER * parameters
+                + FINAL_WEIGHTS_BYTES_PER_PARAMETER * parameters + LOG_BYTES_PER_TRIAL)
+
+    per_trial = {name: trial_bytes(backbone, kept) for name, backbone in trials.items()}
+    usual = sum(trial_bytes(backbone, usual_kept) for backbone in trials.values())
     return DiskEstimate(total_bytes=sum(per_trial.values()), per_trial_bytes=per_trial,
-                        epoch_files_per_trial=kept)
+                        epoch_files_per_trial=kept, usual_bytes=usual,
+                        usual_epoch_files_per_trial=usual_kept)
 
 
 def free_bytes(local_path: str) -> int:

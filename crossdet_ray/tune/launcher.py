@@ -105,7 +105,9 @@ class LaunchConfig:
     autoscaling: bool = False
     synthetic_images: int = 64
     synthetic_seed: int = 0
-    synthetic_frame_size: int | None = None
+    synthetic_frame_size: int | str | None = None  # a side, or "HxW"
+    synthetic_objects: str = "real"  # datasets.SYNTHETIC_OBJECTS
+    preset: str | None = None  # the --preset the run's defaults came from (cli.PRESETS)
     verbose: int = 1
     skip_disk_check: bool = False  # start even when the run's estimated bytes do not fit
     plan_only: bool = False  # print and write the plan, train nothing
@@ -355,7 +357,7 @@ def resolve_data(config: LaunchConfig) -> dict[str, Any]:
         spec = folder_spec(config.train.data)
     else:
         spec = synthetic_spec(config.synthetic_images, config.synthetic_seed,
-                              config.synthetic_frame_size)
+                              config.synthetic_frame_size, config.synthetic_objects)
         logger.info("no --data given: using the built-in synthetic RGB-thermal-event dataset "
                     "(%d frames, seed %d)", config.synthetic_images, config.synthetic_seed)
     data_dir = ensure_dataset(spec)
