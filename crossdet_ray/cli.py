@@ -241,5 +241,6 @@ def _evaluate_finished_run(outcome) -> str | None:
               f"timings: {error}", file=sys.stderr)
     return evaluation.report_path
 
+
 if __name__ == "__main__":
     sys.exit(main())
