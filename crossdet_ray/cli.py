@@ -248,9 +248,12 @@ def main(argv: list[str] | None = None) -> int:
               f"(final_summary.json of {outcome.summary.get('timestamp', '?')}); "
               "no file was changed.")
         return 0
-    print(format_table(outcome.summary))
+    report = None
     if not args.no_evaluate and not outcome.interrupted and outcome.summary.get("num_succeeded"):
-        _evaluate_finished_run(outcome.run_dir)
+        report = _evaluate_finished_run(outcome)
+    print(format_table(outcome.summary))
+    if report:
+        print(f"Evaluation report: {report}")
     print(f"Run directory: {outcome.run_dir}")
     summary_path = outcome.summary.get("summary_path")
     if summary_path and not summary_path.startswith(outcome.run_dir):
@@ -261,20 +264,31 @@ def main(argv: list[str] | None = None) -> int:
     return outcome.exit_code
 
 
-def _evaluate_finished_run(run_dir: str) -> None:
-    """The run ends with its report: every trial's best-mAP checkpoint evaluated alone, as
-    `experiments/evaluate.py RUN_DIR` would (a run in a bucket is left to that command)."""
+def _evaluate_finished_run(outcome) -> str | None:
+    """The run ends with its report: every trial's best-mAP checkpoint evaluated, and timed
+    alone, as `experiments/evaluate.py RUN_DIR` would (a run in a bucket is left to that
+    command). The summary's inference figures become those timed alone (the training-time
+    ones were taken while trials shared the device); returns the report's path."""
+    run_dir = outcome.run_dir
     if "://" in run_dir:
         print(f"Evaluate it with: python experiments/evaluate.py (on a local copy of {run_dir})")
-        return
-    from crossdet_ray.analysis import EvaluationError, evaluate_run
+        return None
+    from crossdet_ray.analysis import EvaluationError, evaluate, plan_evaluation
+    from crossdet_ray.engine.storage import RunStorage
+    from crossdet_ray.tune.summary import apply_evaluation_timing, write_summary_files
 
     try:
-        report = evaluate_run(run_dir)
+        evaluation = evaluate(plan_evaluation(run_dir))
     except EvaluationError as error:
         print(f"crossdet_ray: evaluation skipped: {error}", file=sys.stderr)
-        return
-    print(f"Evaluation report: {report}")
+        return None
+    summary = apply_evaluation_timing(outcome.summary, evaluation.rows)
+    try:
+        write_summary_files(RunStorage.from_uri(run_dir), summary)
+    except Exception as error:  # a full disk: the summary from training stays
+        print(f"crossdet_ray: could not update final_summary.json with the evaluation's "
+              f"timings: {error}", file=sys.stderr)
+    return evaluation.report_path
 
 
 if __name__ == "__main__":

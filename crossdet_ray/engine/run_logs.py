@@ -327,7 +327,8 @@ class SeedLogWriter:
                 # an earlier attempt's record, kept whole; only the verdict is added.
                 self.info = {**self._read_previous_info(), **{
                     k: v for k, v in self.info.items() if k not in ("status", "config")}}
-            self.info.update({"status": "failed", "error": error, **details})
+            self.info.update({"status": "failed", "error": error, "failed_at": time.time(),
+                              **details})
             try:
                 if self._started:
                     self._write_csvs()

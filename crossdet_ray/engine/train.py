@@ -112,6 +112,9 @@ class TrainingSummary:
     best_map: float | None = None
     best_map50: float | None = None  # mAP50 and mAP75 of that epoch
     best_map75: float | None = None
+    # Epoch seconds (start, end) of the inference timing, so that the summary can say which
+    # other trials were running (sharing the device) while it was measured.
+    infer_window: tuple[float, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -460,7 +463,9 @@ def fit(
             else math.nan, best_loss=best_loss, best_epoch=best_epoch, config=config.to_dict(),
             history=history, num_classes=num_classes)
 
+    infer_started = time.time()
     timing = measure_inference(model, test_set, device)
+    infer_window = (infer_started, time.time())
     epochs_done = len(history["epoch_losses"])
     best_index = best_epoch - 1 if 0 < best_epoch <= epochs_done else None
 
@@ -480,6 +485,7 @@ def fit(
         total_time_sec=elapsed_before + time.perf_counter() - run_start, history=history,
         best_map_epoch=best_map_epoch, best_map=best_map,
         best_map50=at_best("map50", best_map_index), best_map75=at_best("map75", best_map_index),
+        infer_window=infer_window,
     )
     listener.on_train_end(summary, checkpoint)
     return summary

@@ -599,8 +599,9 @@ def _fit_and_summarise(tuner: tune.Tuner, config: LaunchConfig, run_storage: Run
                        control: RunControlCallback | None = None) -> RunOutcome:
     if dashboard_url:
         logger.info("Ray dashboard: %s (it asks for a token: `ray get-auth-token` prints it "
-                    "on this machine; for a cluster, `ray dashboard cluster.yaml` forwards it "
-                    "and `ray get-auth-token` runs on its head)", dashboard_url)
+                    "on this machine; paste it into the page's Authentication Token field; "
+                    "for a cluster, `ray dashboard cluster.yaml` forwards it and "
+                    "`ray get-auth-token` runs on its head)", dashboard_url)
     logger.info("TensorBoard: tensorboard --logdir %s", run_storage.uri())
     start = time.perf_counter()
     interrupted, run_error = False, None

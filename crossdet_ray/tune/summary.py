@@ -41,11 +41,13 @@ SUMMARY_COLUMNS = (
     "trial", "backbone", "lr", "status", "error", "failure_kind", "failure_reason", "params",
     "epochs_completed", "best_epoch", "best_loss", "final_loss", "map", "map50", "map75",
     "best_map_epoch", "best_map", "best_map50", "best_map75", "train_images_per_sec",
-    "infer_ms_per_image", "fps", "total_time_sec", "predicted_hours", "measured_hours",
+    "infer_ms_per_image", "fps", "inference_measured", "inference_concurrent_trials",
+    "infer_ms_per_image_during_training", "total_time_sec", "predicted_hours", "measured_hours",
     "device", "node", "node_id", "resources", "best_model_path", "best_map_model_path",
     "final_model_path", "final_complete_path",
 )
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+MEASURED_ALONE = "alone (evaluation)"
 
 
 def summarise_run(run_storage: RunStorage, run_config: dict[str, Any], results,
@@ -153,7 +155,8 @@ def _bare_status(verdict: TrialVerdict | None) -> str:
 
 def _trial_row(run_storage: RunStorage, spec: dict[str, Any], verdict: TrialVerdict | None,
                train: dict[str, Any] | None = None, predicted_hours: float | None = None
-               ) -> tuple[dict[str, Any], pd.DataFrame | None]:
+               ) -> tuple[dict[str, Any], pd.DataFrame | None, dict[str, Any]]:
+    """The trial's summary row, its epoch rows and its training_info.json."""
     trial_storage = run_storage.child(spec["name"])
     info = read_info(trial_storage) or {}
     epochs = None
@@ -203,7 +206,12 @@ def _trial_row(run_storage: RunStorage, spec: dict[str, Any], verdict: TrialVerd
         "best_map75": _number(best_map.get("map75")),
         "train_images_per_sec": info.get("train_images_per_sec",
                                          float(speeds.mean()) if len(speeds) else None),
-        "infer_ms_per_image": info.get("infer_ms_per_image"), "fps": info.get("fps"),
+        # Timed at the end of training, while other trials may have shared the device: the
+        # end-of-run evaluation replaces it with a figure taken alone (apply_evaluation_timing).
+        "infer_ms_per_image": _number(info.get("infer_ms_per_image")),
+        "fps": _number(info.get("fps")),
+        "inference_measured": None, "inference_concurrent_trials": None,
+        "infer_ms_per_image_during_training": _number(info.get("infer_ms_per_image")),
         "total_time_sec": info.get("total_time_sec",
                                    float(epochs["epoch_time_sec"].sum()) if epochs is not None
                                    and len(epochs) else None),
@@ -221,7 +229,85 @@ def _trial_row(run_storage: RunStorage, spec: dict[str, Any], verdict: TrialVerd
                              if row["total_time_sec"] is not None else None)
     if epochs is not None:
         epochs = epochs.assign(trial=spec["name"])
-    return row, epochs
+    return row, epochs, info
+
+
+# -- how each inference figure was measured ----------------------------------------------------
+def _span(info: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(start, end) epoch seconds of a trial's last attempt; end None when it never recorded
+    one (killed, interrupted)."""
+    def first(*keys: str) -> float | None:
+        values = [_number(info.get(k)) for k in keys]
+        return next((v for v in values if v is not None), None)
+
+    return first("fit_started_at", "train_started_at"), first("train_finished_at", "failed_at")
+
+
+def concurrent_trials(trial: str, infos: dict[str, dict[str, Any]]) -> int | None:
+    """How many other trials were running on `trial`'s node while its inference was timed at
+    the end of training (None: the window or the others' times are not recorded).
+
+    A trial counts when its recorded span [fit start, finish or failure] overlaps the timing
+    window; one with no recorded end counts if it started before the window ended. Trials on
+    another node (both node ids known and different) share nothing and are not counted.
+    """
+    info = infos.get(trial) or {}
+    window = info.get("infer_window")
+    if not window or len(window) != 2:
+        return None
+    begin, finish = float(window[0]), float(window[1])
+    node = info.get("node_id")
+    count = 0
+    for name, other in infos.items():
+        if name == trial or not other:
+            continue
+        if node and other.get("node_id") and other["node_id"] != node:
+            continue
+        start, end = _span(other)
+        if start is None:
+            continue  # never started training
+        if start <= finish and (end is None or end >= begin):
+            count += 1
+    return count
+
+
+def training_timing_label(concurrent: int | None) -> str:
+    if concurrent is None:
+        return "during training (other trials running then: unknown)"
+    if concurrent == 0:
+        return "during training, no other trial running on its node"
+    return (f"during training, shared with {concurrent} concurrent "
+            f"trial{'s' if concurrent != 1 else ''} on its node")
+
+
+def label_training_timing(rows: list[dict[str, Any]], infos: dict[str, dict[str, Any]]) -> None:
+    """Say of each training-time inference figure how many trials shared its node then."""
+    for row in rows:
+        if row.get("infer_ms_per_image") is None:
+            continue
+        concurrent = concurrent_trials(row["trial"], infos)
+        row["inference_concurrent_trials"] = concurrent
+        row["inference_measured"] = training_timing_label(concurrent)
+
+
+def apply_evaluation_timing(summary: dict[str, Any], evaluation_rows: list[dict[str, Any]]
+                            ) -> dict[str, Any]:
+    """Put the end-of-run evaluation's inference figures, each timed with the trial alone on
+    its device, in place of the ones taken during training (kept in
+    `infer_ms_per_image_during_training`), and rank by them. A trial the evaluation could
+    not time keeps its training-time figure and label. Returns `summary`, changed in place."""
+    timed = {r["trial"]: r for r in evaluation_rows
+             if r.get("status") == "ok" and _number(r.get("infer_ms_per_image")) is not None}
+    for row in summary["results"]:
+        alone = timed.get(row["trial"])
+        if alone is None:
+            continue
+        row["infer_ms_per_image"] = _number(alone["infer_ms_per_image"])
+        row["fps"] = _number(alone.get("fps"))
+        row["inference_measured"] = MEASURED_ALONE
+        row["inference_concurrent_trials"] = 0
+    summary["rankings"] = rankings(summary["results"])
+    return summary
 
 
 def planned_hours(run_config: dict[str, Any]) -> dict[str, float]:
@@ -250,14 +336,16 @@ def build_final_summary(run_storage: RunStorage, run_config: dict[str, Any],
                         specs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     if specs is None:
         specs = _trial_specs(run_storage, verdicts)
-    rows, curves = [], []
+    rows, curves, infos = [], [], {}
     predicted = planned_hours(run_config)
     for spec in specs:
-        row, epochs = _trial_row(run_storage, spec, verdicts.get(spec["name"]),
-                                 run_config.get("train"), predicted.get(spec["name"]))
+        row, epochs, infos[spec["name"]] = _trial_row(
+            run_storage, spec, verdicts.get(spec["name"]), run_config.get("train"),
+            predicted.get(spec["name"]))
         rows.append(row)
         if epochs is not None:
             curves.append(epochs)
+    label_training_timing(rows, infos)
     succeeded = [r for r in rows if r["status"] == "completed"]
     summary = {
         "run_config": run_config,
@@ -325,7 +413,7 @@ def format_table(summary: dict[str, Any]) -> str:
         (r["trial"], r["status"], f"{r['params'] / 1e6:.1f}M" if r["params"] else "-",
          r["epochs_completed"], _with_epoch(r["best_loss"], r.get("best_epoch")),
          _with_epoch(r.get("best_map"), r.get("best_map_epoch")), _fmt(r.get("best_map50")),
-         _fmt(r["train_images_per_sec"], 2), _fmt(r["infer_ms_per_image"], 1),
+         _fmt(r["train_images_per_sec"], 2), _infer_cell(r),
          r["device"] or "-", r["node"] or "-")
         for r in summary["results"]
     ]
@@ -337,6 +425,7 @@ def format_table(summary: dict[str, Any]) -> str:
     lines.append("Speed ranking (train img/s): "
                  + _ranking_line(ranks["training_speed_images_per_sec"], rows,
                                  "train_images_per_sec", digits=2))
+    lines.append(_inference_ranking_line(ranks.get("inference_ms_per_image", []), rows))
     for backbone, best in summary.get("best_lr_per_backbone", {}).items():
         lines.append(f"Best LR for {backbone}: {best['lr']:g} ({best['trial']}, by best mAP)")
     lines.append(f"{summary['num_succeeded']} of {summary['num_trials']} trials succeeded, "
@@ -347,6 +436,40 @@ def format_table(summary: dict[str, Any]) -> str:
     if summary.get("run_error"):
         lines.append(f"RUN FAILED: {summary['run_error']}")
     return "\n".join(lines)
+
+
+def _shared(row: dict[str, Any]) -> bool:
+    """A figure timed during training (while others may have run), not alone."""
+    return row.get("infer_ms_per_image") is not None and \
+        row.get("inference_measured") != MEASURED_ALONE
+
+
+def _infer_cell(row: dict[str, Any]) -> str:
+    """`12.3` timed alone; `12.3*` timed during training, with other trials running."""
+    cell = _fmt(row.get("infer_ms_per_image"), 1)
+    return cell + "*" if _shared(row) else cell
+
+
+def _inference_ranking_line(order: list[str], rows: list[dict[str, Any]]) -> str:
+    """The ranking by inference ms/image, saying how its figures were measured."""
+    ranked = [r for r in rows if r.get("infer_ms_per_image") is not None]
+    shared = [r for r in ranked if _shared(r)]
+    if not shared:
+        how = "each trial timed alone by the evaluation"
+    else:
+        counts = [r.get("inference_concurrent_trials") for r in shared]
+        where = "* = " if len(shared) < len(ranked) else ""
+        if any(c for c in counts if c is not None):
+            how = (f"{where}timed at the end of training while up to "
+                   f"{max(c for c in counts if c is not None)} other trials shared the node: "
+                   "not comparable; experiments/evaluate.py times each alone")
+        elif None in counts:
+            how = (f"{where}timed at the end of training, perhaps while other trials ran: "
+                   "experiments/evaluate.py times each alone")
+        else:
+            how = f"{where}timed at the end of training, no other trial running"
+    return (f"Inference ranking (ms/image, fastest first; {how}): "
+            + _ranking_line(order, rows, "infer_ms_per_image", digits=1))
 
 
 def failed_line(row: dict[str, Any]) -> str:

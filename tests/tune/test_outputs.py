@@ -198,6 +198,7 @@ def test_summary_tables_agree_with_each_trials_files(finished_run):
     assert _records(from_csv) == _records(from_parquet)
     summary = json.loads((run_dir / "final_summary.json").read_text())
     assert summary["num_trials"] == summary["num_succeeded"] == len(BACKBONES)
+    evaluation_rows = json.loads((run_dir / "evaluation" / "results.json").read_text())["trials"]
 
     for row, from_json in zip(_records(from_parquet), summary["results"], strict=True):
         name = row["trial"]
@@ -220,13 +221,22 @@ def test_summary_tables_agree_with_each_trials_files(finished_run):
         assert row["best_map_epoch"] == info["best_map_epoch"] == best_map_epoch
         for column in ("map", "map50", "map75"):
             assert row[f"best_{column}"] == _float(rows[best_map_epoch - 1][column]), column
-        for key in ("train_images_per_sec", "infer_ms_per_image", "fps", "total_time_sec",
+        for key in ("train_images_per_sec", "total_time_sec",
                     "device", "node", "node_id", "best_model_path", "best_map_model_path",
                     "final_model_path",
                     "final_complete_path"):
             assert row[key] == info[key], key
         assert json.loads(row["resources"]) == info["resources"] == {"cpu": 1.0, "gpu": 0.0,
                                                                         "workers": 1}
+        # The run ended with its evaluation, which timed each trial alone: its figures
+        # replace the ones taken at the end of training, while the other trial shared the
+        # two cores; those stay beside them.
+        (timed,) = [r for r in evaluation_rows if r["trial"] == name]
+        assert (row["infer_ms_per_image"], row["fps"]) == (
+            timed["infer_ms_per_image"], timed["fps"])
+        assert row["infer_ms_per_image"] != info["infer_ms_per_image"]
+        assert row["inference_measured"] == "alone (evaluation)"
+        assert row["infer_ms_per_image_during_training"] == info["infer_ms_per_image"]
         # The plan's prediction beside the measurement (hours).
         plan = json.loads((run_dir / "run_config.json").read_text())["plan"]
         (planned,) = [t for t in plan["trials"] if t["trial"] == name]
@@ -237,6 +247,13 @@ def test_summary_tables_agree_with_each_trials_files(finished_run):
             k: row[k] for k in SUMMARY_COLUMNS if k != "resources"}
         assert from_json["resources"] == info["resources"]
     assert [r["trial"] for r in summary["results"]] == BACKBONES
+    # The ranking follows the figures taken alone, and the printed one says so.
+    assert summary["rankings"]["inference_ms_per_image"] == sorted(
+        BACKBONES, key=lambda t: next(r["infer_ms_per_image"] for r in evaluation_rows
+                                      if r["trial"] == t))
+    stdout = (run_dir.parent.parent / "command.out").read_text()
+    assert ("Inference ranking (ms/image, fastest first; each trial timed alone by the "
+            "evaluation): ") in stdout
 
 
 def test_training_curves_png_is_the_figure_asked_for(finished_run):

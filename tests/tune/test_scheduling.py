@@ -64,6 +64,23 @@ def test_five_trials_at_a_fifth_of_a_gpu_run_at_once(local_ray, tiny_dataset, tm
         assert info["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     best = outcome.summary["best_lr_per_backbone"]["mit_b0"]
     assert best["lr"] in [0.005 * m for m in grid]
+    # Not evaluated: each inference figure is the one timed at the end of its training, and
+    # says how many of the other trials were running then (from each trial's own record of
+    # when it started, when it finished and when it was timed).
+    infos = {name: training_info(run_dir / name) for name in names}
+    for row in outcome.summary["results"]:
+        begin, end = infos[row["trial"]]["infer_window"]
+        others = sum(info["fit_started_at"] <= end and info["train_finished_at"] >= begin
+                     for name, info in infos.items() if name != row["trial"])
+        assert row["inference_concurrent_trials"] == others
+        assert row["inference_measured"] == (
+            f"during training, shared with {others} concurrent trial"
+            f"{'s' if others != 1 else ''} on its node" if others else
+            "during training, no other trial running on its node")
+    # All five overlap: the first to finish was timed while the four others still ran.
+    first = min(names, key=lambda n: infos[n]["train_finished_at"])
+    assert next(r for r in outcome.summary["results"]
+                if r["trial"] == first)["inference_concurrent_trials"] == 4
 
 
 def test_half_gpu_trials_run_two_at_a_time(local_ray, tiny_dataset, tmp_path):
