@@ -24,6 +24,9 @@ from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.tune.reporter import PROGRESS_FILE
 
 REPORT_EVERY_SEC = 30.0
+# Trials start (and end) in bursts a fraction of a second apart: one table for the burst, not
+# one per trial.
+STATUS_CHANGE_GAP_SEC = 5.0
 
 
 def _clock(seconds: float | None) -> str:
@@ -57,9 +60,14 @@ class TrialLinesReporter(ProgressReporter):
 
     def should_report(self, trials, done: bool = False) -> bool:
         statuses = {t.trial_id: t.status for t in trials}
-        changed = statuses != self._last_statuses
-        self._last_statuses = statuses
-        return done or changed or time.time() - self._last_report >= REPORT_EVERY_SEC
+        since_last = time.time() - self._last_report
+        if done or since_last >= REPORT_EVERY_SEC:
+            self._last_statuses = statuses
+            return True
+        if statuses != self._last_statuses and since_last >= STATUS_CHANGE_GAP_SEC:
+            self._last_statuses = statuses  # a change within the gap waits for the next call
+            return True
+        return False
 
     def report(self, trials, done: bool, *sys_info: str) -> None:
         self._last_report = now = time.time()
@@ -84,14 +92,18 @@ class TrialLinesReporter(ProgressReporter):
         elapsed = (now - self._trial_started[name] if name in self._trial_started
                    else result.get("time_total_s"))
         where = f"epoch {epoch}/{self.epochs}"
+        batches_done = epoch * self.batches_per_epoch
         if trial.status == "RUNNING" and epoch < self.epochs:
             live = self._live_progress(name)
             if live and int(live.get("epoch", 0)) == epoch + 1:
                 where = (f"epoch {epoch + 1}/{self.epochs} batch {live['batch']}/"
                          f"{self.batches_per_epoch}")
+                batches_done += int(live["batch"])
         eta = "done" if trial.status == "TERMINATED" else "-"
-        if trial.status == "RUNNING" and epoch and result.get("time_total_s"):
-            eta = _clock(float(result["time_total_s"]) / epoch * (self.epochs - epoch))
+        total_batches = self.epochs * self.batches_per_epoch
+        if trial.status == "RUNNING" and batches_done and elapsed:
+            # The pace so far, batches included, so the first epoch has an ETA too.
+            eta = _clock(float(elapsed) * (total_batches - batches_done) / batches_done)
         return (f"  {name:<18} {trial.status:<11} {where:<28} "
                 f"loss {_number(result.get('avg_loss'), 4):>7}  "
                 f"mAP50 {_number(result.get('map50'), 3):>5}  "
