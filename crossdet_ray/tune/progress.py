@@ -89,7 +89,9 @@ class TrialLinesReporter(ProgressReporter):
         epoch = int(result.get("epoch") or 0)
         if trial.status == "RUNNING":
             self._trial_started.setdefault(name, now - float(result.get("time_total_s") or 0))
-        elapsed = (now - self._trial_started[name] if name in self._trial_started
+        # A running trial's clock ticks; a finished one shows the time it trained.
+        elapsed = (now - self._trial_started[name]
+                   if trial.status == "RUNNING" and name in self._trial_started
                    else result.get("time_total_s"))
         where = f"epoch {epoch}/{self.epochs}"
         batches_done = epoch * self.batches_per_epoch

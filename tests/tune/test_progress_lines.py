@@ -51,9 +51,11 @@ def test_a_first_epoch_has_an_eta_before_any_epoch_ends(tmp_path):
 
 def test_finished_and_pending_trials(tmp_path):
     reporter = _reporter(tmp_path)
+    reporter.trial_line(_trial("mit_b1", "RUNNING", epoch=2, time_total_s=20.0), now=100.0)
+    # Finished: its clock stops at the time it trained, however late the table is drawn.
     done = reporter.trial_line(_trial("mit_b1", "TERMINATED", epoch=3, time_total_s=30.0),
-                               now=0.0)
-    assert "epoch 3/3" in done and done.rstrip().endswith("ETA     done")
+                               now=900.0)
+    assert "epoch 3/3" in done and done.rstrip().endswith("0:00:30  ETA     done")
     pending = reporter.trial_line(_trial("mit_b2", "PENDING"), now=0.0)
     assert "epoch 0/3" in pending and pending.rstrip().endswith("ETA        -")
 
