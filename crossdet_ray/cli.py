@@ -22,7 +22,7 @@ EXIT_USER_ERROR = 2
 # backbones' test mAP50 clearly above 0; one epoch checkpoint per backbone is kept.
 PRESETS: dict[str, dict[str, object]] = {
     "quick": {
-        "epochs": 3, "lr": 0.01, "min_size": 64, "max_size": 96,
+        "epochs": 2, "lr": 0.01, "min_size": 64, "max_size": 96,
         "num_workers": 0, "keep_checkpoints": 1, "synthetic_images": 40,
         "synthetic_frame_size": "96x144", "synthetic_objects": "large",
     },

@@ -5,7 +5,7 @@ The command is read from README.md's "Quick start" block, so the README and this
 drift apart; only --log-dir and --name are added (and the synthetic cache is the test's own).
 
 Expected runtime on the 2-core development machine: about 5 minutes when it has the machine to
-itself (all five backbones, 3 epochs each, then the end-of-run evaluation), more when shared.
+itself (all five backbones, 2 epochs each, then the end-of-run evaluation), more when shared.
 It writes about 6.3 GB (one epoch checkpoint per backbone), deleted when the test passes.
 """
 
@@ -26,10 +26,11 @@ from .helpers import ROOT, ray_env, run
 pytestmark = pytest.mark.ray
 
 SCRIPT = "experiments/all_backbones.py"
-# "Clearly non-zero": a detector that has not learnt scores 0.00-0.03 on this easy set at the
-# quick start's size (random boxes on 1-2 large objects); after 3 epochs mit_b0 scored
-# map50 0.5-0.8 in the development runs.
-MIN_MIT_B0_MAP50 = 0.2
+# "Clearly non-zero": this is test_learning.py's easy set at its size and lr, where a detector
+# that cannot learn (lr 1e-7, model seeds 0-3) scores map50 0.015-0.12 with random boxes on the
+# large objects, and mit_b0 after 2 epochs scored 0.52-0.68 (seeds 0-3; the quick start's own
+# runs: 0.67).
+MIN_MIT_B0_MAP50 = 0.3
 ESTIMATE = re.compile(r"this run will write about (?:at most )?([\d.]+) GB")
 
 
@@ -60,10 +61,15 @@ def disk_bytes(folder: Path) -> int:
     return total
 
 
-def test_readme_quick_start_is_the_preset():
-    # The preset is what the README promises: if the README's command changed to something
-    # else, the run below would test that instead, which is fine; but it must be a command.
-    assert readme_quick_start(), "the quick start passes no flag"
+def test_readme_says_what_the_preset_stands_for():
+    """README's "`--preset quick` stands for `...`" parses to the same run as the preset."""
+    from crossdet_ray.cli import parse_args
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    stated = re.search(r"`--preset quick` stands for `([^`]+)`", text)
+    assert stated, "README.md does not say what --preset quick stands for"
+    assert vars(parse_args(shlex.split(stated.group(1)))) == {
+        **vars(parse_args(["--preset", "quick"])), "preset": None}
 
 
 @pytest.mark.timeout(1500)
