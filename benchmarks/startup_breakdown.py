@@ -81,6 +81,21 @@ def read_stat(pid: int) -> tuple[int, float, float] | None:
     return ppid, (utime + stime) / CLOCK_TICKS, start
 
 
+def process_name(cmdline: bytes) -> str:
+    """`ray::RunControl` for a Ray worker (its title, less the method), else the program and
+    its script's file name (`python dashboard.py`, `raylet`)."""
+    argv = [a.decode(errors="replace") for a in cmdline.split(b"\0") if a]
+    if not argv:
+        return ""
+    if argv[0].startswith("ray::"):
+        return argv[0].split(".")[0].split(" ")[0]
+    words = [os.path.basename(argv[0].split(" ")[0])]
+    script = next((a for a in argv[1:] if not a.startswith("-")), None)
+    if script and words[0].startswith("python"):
+        words.append(os.path.basename(script))
+    return " ".join(words)[:60]
+
+
 class TreeSampler(threading.Thread):
     """Samples every process under `root` (pid): start time, CPU seconds, name over time."""
 
@@ -115,12 +130,14 @@ class TreeSampler(threading.Thread):
                 continue
             _, cpu, start = stats[pid]
             record = self.processes.setdefault(pid, {
-                "started_at": self.boot + start / CLOCK_TICKS, "names": []})
+                "started_at": self.boot + start / CLOCK_TICKS, "names": [], "series": []})
             if record["started_at"] != self.boot + start / CLOCK_TICKS:
                 continue  # the pid was reused
+            if not record.get("series") or record["series"][-1][1] != cpu:
+                record["series"].append((now, cpu))
             record["cpu_sec"] = cpu
             try:
-                name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()[:60]
+                name = process_name(Path(f"/proc/{pid}/cmdline").read_bytes())
             except OSError:
                 name = ""
             if name and (not record["names"] or record["names"][-1] != name):
@@ -130,6 +147,14 @@ class TreeSampler(threading.Thread):
     def cpu_until(self, moment: float) -> float:
         before = [cpu for at, cpu in self.samples if at <= moment]
         return before[-1] if before else 0.0
+
+    def process_cpu_at(self, pid: int | None, moment: float | None) -> float | None:
+        """A process's CPU seconds at `moment` (its last sample before it)."""
+        record = self.processes.get(pid)
+        if record is None or moment is None:
+            return None
+        before = [cpu for at, cpu in record["series"] if at <= moment]
+        return round(before[-1], 2) if before else 0.0
 
 
 def first_steps(run_dir: Path, seen: dict[str, dict[str, Any]]) -> None:
@@ -229,6 +254,11 @@ def analyse(sampler: TreeSampler, started_at: float, log_text: str, run_dir: Pat
         except (OSError, ValueError):
             info = {}
         process = sampler.processes.get(info.get("pid"), {})
+        cpu_at = {name: sampler.process_cpu_at(info.get("pid"), moment) for name, moment in (
+            ("trainable_entered", info.get("trainable_started_at")),
+            ("fit_entered", info.get("fit_started_at")),
+            ("first_epoch_starts", info.get("train_started_at")),
+            ("first_step_done", step["time"]))}
         trials.append({
             "trial": trial, "pid": info.get("pid"),
             "process_started": since(process.get("started_at")),
@@ -236,14 +266,28 @@ def analyse(sampler: TreeSampler, started_at: float, log_text: str, run_dir: Pat
             "fit_entered": since(info.get("fit_started_at")),
             "first_epoch_starts": since(info.get("train_started_at")),
             "first_step_done": since(step["time"]),
+            "cpu_sec_at": cpu_at,
         })
     last_step = max((started_at + t["first_step_done"] for t in trials), default=None)
+    last_start = max((t["first_epoch_starts"] for t in trials
+                      if t["first_epoch_starts"] is not None), default=None)
     processes = sorted(sampler.processes.values(), key=lambda p: p["started_at"])
     cpu = sampler.cpu_until(last_step) if last_step else None
+    # The start-up's work, robust to the other trials training on meanwhile: each trial's own
+    # CPU seconds until its first step is done, plus every other process's until the last one.
+    trial_pids = {t["pid"] for t in trials}
+    startup_cpu = None
+    if last_step and trials:
+        startup_cpu = round(sum(t["cpu_sec_at"]["first_step_done"] or 0.0 for t in trials) + sum(
+            sampler.process_cpu_at(pid, last_step) or 0.0
+            for pid in sampler.processes if pid not in trial_pids), 1)
     return {
         "started_at": started_at, "driver_phases": phases, "tuner_fit_called": since(fit_called_at),
         "trials": trials, "last_first_step": since(last_step),
+        "last_first_epoch_start": last_start,
         "cpu_sec_until_last_first_step": None if cpu is None else round(cpu, 1),
+        "startup_cpu_sec": startup_cpu,
+        "driver_cpu_sec_at_tuner_fit": sampler.process_cpu_at(sampler.root, fit_called_at),
         "processes": [{"name": " > ".join(p["names"]) or "?",
                        "started": since(p["started_at"]),
                        "cpu_sec": round(p.get("cpu_sec", 0.0), 2)} for p in processes],
@@ -265,20 +309,37 @@ def print_run(result: dict[str, Any], trials: int) -> None:
         spans = []
         for t in result["trials"]:
             spans.append({
-                "worker start + imports": _diff(t["trainable_entered"], t["process_started"]),
-                "trainable to fit": _diff(t["fit_entered"], t["trainable_entered"]),
+                "worker process start -> trainable entered":
+                    _diff(t["trainable_entered"], t["process_started"]),
+                "trainable -> fit (training stack imports since the lazy trainable)":
+                    _diff(t["fit_entered"], t["trainable_entered"]),
                 "data sets + model + optimizer": _diff(t["first_epoch_starts"], t["fit_entered"]),
                 "first step": _diff(t["first_step_done"], t["first_epoch_starts"])})
         rows = [(name, statistics.median(s[name] for s in spans if s[name] is not None),
                  max(s[name] for s in spans if s[name] is not None)) for name in spans[0]
                 if any(s[name] is not None for s in spans)]
         print(tabulate(rows, headers=("per trial", "median s", "max s"), tablefmt="github"))
+        rows = []
+        for t in result["trials"]:
+            at = t["cpu_sec_at"]
+            rows.append((t["trial"], at["trainable_entered"],
+                         _diff(at["fit_entered"], at["trainable_entered"]),
+                         _diff(at["first_epoch_starts"], at["fit_entered"]),
+                         _diff(at["first_step_done"], at["first_epoch_starts"]),
+                         at["first_step_done"]))
+        print(tabulate(rows, headers=("trial CPU s", "until trainable", "trainable -> fit",
+                                      "data + model + optimizer", "first step", "total"),
+                       tablefmt="github"))
         print(f"Tuner.fit() called at {result['tuner_fit_called']} s; first trial process at "
               f"{min((t['process_started'] for t in result['trials'] if t['process_started'] is not None), default=None)} s")
     done = len(result["trials"])
+    print(f"last of {done}/{trials} trials to start training (epoch 1 begins): "
+          f"{result['last_first_epoch_start']} s after the command")
     print(f"last of {done}/{trials} trials' first step done at {result['last_first_step']} s "
           f"after the command; CPU seconds of the whole tree until then: "
-          f"{result['cpu_sec_until_last_first_step']}")
+          f"{result['cpu_sec_until_last_first_step']}; start-up CPU seconds (each trial until "
+          f"its own first step, the rest until the last): {result['startup_cpu_sec']}; the "
+          f"driver's until Tuner.fit(): {result['driver_cpu_sec_at_tuner_fit']}")
     heavy = sorted(result["processes"], key=lambda p: -p["cpu_sec"])[:12]
     print(tabulate([(p["name"], p["started"], p["cpu_sec"]) for p in heavy],
                    headers=("process (first > later names)", "started at s", "CPU s (at end)"),
@@ -306,11 +367,15 @@ def main() -> None:
         print_run(result, args.trials)
         results.append(result)
     totals = [r["last_first_step"] for r in results if r["last_first_step"] is not None]
-    cpus = [r["cpu_sec_until_last_first_step"] for r in results
-            if r["cpu_sec_until_last_first_step"] is not None]
+    starts = [r["last_first_epoch_start"] for r in results
+              if r["last_first_epoch_start"] is not None]
+    cpus = [r["startup_cpu_sec"] for r in results if r["startup_cpu_sec"] is not None]
+    if starts:
+        print(f"\ncommand start -> last trial starts training: "
+              f"{', '.join(f'{t:.1f}' for t in starts)} s (median {statistics.median(starts):.1f})")
     if totals:
-        print(f"\ncommand start -> last trial's first step: {', '.join(f'{t:.1f}' for t in totals)} s "
-              f"(median {statistics.median(totals):.1f}); CPU seconds: "
+        print(f"command start -> last trial's first step done: {', '.join(f'{t:.1f}' for t in totals)} s "
+              f"(median {statistics.median(totals):.1f}); start-up CPU seconds: "
               f"{', '.join(f'{c:.0f}' for c in cpus)} (/ {os.cpu_count()} cores = "
               f"{statistics.median(cpus) / os.cpu_count():.1f} s)")
     output = Path(args.output)
