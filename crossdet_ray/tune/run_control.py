@@ -28,13 +28,46 @@ import ray
 from ray import tune
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from crossdet_ray.tune.control_actor import RunControl  # a module without Ray Tune: see there
-
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5  # how often a trial asks whether a stop was requested
 DRAIN_TIMEOUT_SECONDS = float(os.environ.get("CROSSDET_DRAIN_TIMEOUT_S", 900))
 NO_RETRY_WAIT_SECONDS = 30.0
+
+
+@ray.remote(num_cpus=0)
+class RunControl:
+    """The run's mailbox between the driver and its trials."""
+
+    def __init__(self) -> None:
+        self._stop_requested = False
+        self._drained: set[str] = set()
+        self._no_retry_asked: set[str] = set()
+        self._no_retry_done: set[str] = set()
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    def report_drained(self, trial_id: str) -> None:
+        self._drained.add(trial_id)
+
+    def drained(self) -> list[str]:
+        return sorted(self._drained)
+
+    def ask_no_retry(self, trial_id: str) -> None:
+        self._no_retry_asked.add(trial_id)
+
+    def pending_no_retry(self) -> list[str]:
+        return sorted(self._no_retry_asked - self._no_retry_done)
+
+    def confirm_no_retry(self, trial_ids: list[str]) -> None:
+        self._no_retry_done.update(trial_ids)
+
+    def no_retry_confirmed(self, trial_id: str) -> bool:
+        return trial_id in self._no_retry_done
 
 
 def control_actor_name(run_uri: str) -> str:
