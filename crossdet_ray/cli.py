@@ -225,16 +225,21 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "10")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from crossdet_ray.data import DatasetError
-    from crossdet_ray.engine.checkpoint import CheckpointError
     from crossdet_ray.tune.launcher import LaunchError, launch
     from crossdet_ray.tune.resources import ResourceError
-    from crossdet_ray.tune.summary import format_table
 
     try:
         outcome = launch(config_from_args(args))
-    except (LaunchError, ResourceError, DatasetError, CheckpointError) as error:
+    except (LaunchError, ResourceError, DatasetError) as error:
         print(f"crossdet_ray: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as error:
+        if not _is_checkpoint_error(error):
+            raise
+        print(f"crossdet_ray: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    from crossdet_ray.tune.summary import format_table
+
     if outcome.plan_only:
         from crossdet_ray.tune.planner import Plan, PlannedTrial, format_plan
 
@@ -262,6 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     if outcome.interrupted:
         print(f"Interrupted: continue with --resume {outcome.run_dir}", file=sys.stderr)
     return outcome.exit_code
+
+
+def _is_checkpoint_error(error: Exception) -> bool:
+    """A CheckpointError (a damaged --resume/--init-from file) without importing its module
+    up front: it imports torch, which the driver otherwise never needs; only code that has
+    imported the module can have raised one."""
+    checkpoint = sys.modules.get("crossdet_ray.engine.checkpoint")
+    return checkpoint is not None and isinstance(error, checkpoint.CheckpointError)
 
 
 def _evaluate_finished_run(outcome) -> str | None:

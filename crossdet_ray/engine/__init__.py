@@ -1,23 +1,34 @@
-"""Training and evaluation of one backbone, without Ray."""
+"""Training and evaluation of one backbone, without Ray.
 
-from crossdet_ray.engine.checkpoint import CheckpointError, epoch_checkpoint_name, load_checkpoint
-from crossdet_ray.engine.evaluate import CocoMetrics, coco_metrics, evaluate_coco, measure_inference
-from crossdet_ray.engine.run_logs import BATCH_COLUMNS, EPOCH_COLUMNS, SeedLogWriter
-from crossdet_ray.engine.storage import RunStorage
-from crossdet_ray.engine.train import (
-    BatchMetrics,
-    EpochMetrics,
-    NonFiniteLossError,
-    TrainingListener,
-    TrainingStopped,
-    TrainingSummary,
-    fit,
-    select_device,
-)
+The names below are imported on first use (PEP 562), so `crossdet_ray.engine.run_logs` or
+`.storage` alone (the driver's needs) do not import the model and torchvision.
+"""
 
-__all__ = [
-    "BATCH_COLUMNS", "EPOCH_COLUMNS", "BatchMetrics", "CheckpointError", "CocoMetrics",
-    "EpochMetrics", "NonFiniteLossError", "RunStorage", "SeedLogWriter", "TrainingListener",
-    "TrainingStopped", "TrainingSummary", "coco_metrics", "epoch_checkpoint_name", "evaluate_coco", "fit",
-    "load_checkpoint", "measure_inference", "select_device",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "CheckpointError": "checkpoint", "epoch_checkpoint_name": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "CocoMetrics": "evaluate", "coco_metrics": "evaluate", "evaluate_coco": "evaluate",
+    "measure_inference": "evaluate",
+    "BATCH_COLUMNS": "run_logs", "EPOCH_COLUMNS": "run_logs", "SeedLogWriter": "run_logs",
+    "RunStorage": "storage",
+    "BatchMetrics": "train", "EpochMetrics": "train", "NonFiniteLossError": "train",
+    "TrainingListener": "train", "TrainingStopped": "train", "TrainingSummary": "train",
+    "fit": "train", "select_device": "train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:  # `from crossdet_ray.engine import train` then imports the submodule
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -19,7 +19,6 @@ import csv
 import io
 import json
 import logging
-import math
 import re
 import threading
 import time
@@ -33,6 +32,7 @@ from crossdet_ray.engine.checkpoint import (
     snapshot,
     validate_checkpoint,
 )
+from crossdet_ray.engine.json_files import dumps_json
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.engine.train import BatchMetrics, EpochMetrics, TrainingStopped, TrainingSummary
 
@@ -75,21 +75,6 @@ def _read_csv(storage: RunStorage, relative: str) -> list[dict[str, str]]:
     if not storage.exists(relative):
         return []
     return list(csv.DictReader(io.StringIO(storage.read_text(relative))))
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and infinity are not JSON; write null so pandas and jq read the file."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def dumps_json(value: Any) -> str:
-    return json.dumps(_json_safe(value), indent=2, default=str)
 
 
 def epoch_files(storage: RunStorage) -> dict[int, str]:

@@ -17,12 +17,17 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 import pyarrow.fs as pafs
-import torch
 
 from crossdet_ray.engine.errors import DiskFullError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a checkpoint is saved or loaded: the driver writes its run files
+# through this class and never needs torch itself (seconds of import on a small machine).
 
 __all__ = ["DiskFullError", "RunStorage"]
 
@@ -107,6 +112,8 @@ class _ByteCounter:
 
 
 def _serialized_size(obj: Any) -> int:
+    import torch
+
     # A file object, not a path: torch names the archive after a path, changing the size.
     counter = _ByteCounter()
     torch.save(obj, counter)
@@ -195,6 +202,8 @@ class RunStorage:
 
     def save_torch(self, obj: Any, relative: str) -> None:
         """torch.save, atomically, streaming through a local temporary file for remote stores."""
+        import torch
+
         if self.is_local:
             def write_checkpoint(temporary: str) -> None:
                 # Into the open file: it is fsynced before the rename, and its size is what
@@ -228,6 +237,8 @@ class RunStorage:
 
     def load_torch(self, relative: str, map_location: str | torch.device = "cpu") -> Any:
         """torch.load with weights_only=True: a checkpoint can hold no code."""
+        import torch
+
         if self.is_local:
             return torch.load(self.path(relative), map_location=map_location, weights_only=True)
         return torch.load(io.BytesIO(self.read_bytes(relative)), map_location=map_location,

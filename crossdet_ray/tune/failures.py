@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 import ray
 from ray import tune
 
-from crossdet_ray.engine.run_logs import dumps_json
+from crossdet_ray.engine.json_files import dumps_json
 from crossdet_ray.engine.storage import RunStorage
 
 logger = logging.getLogger(__name__)

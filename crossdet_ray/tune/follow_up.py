@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from crossdet_ray.config import MLFLOW_DEFAULT
-from crossdet_ray.engine.run_logs import BEST_MAP_FILE, INFO_FILE
 
 
 class FollowUpError(ValueError):
@@ -30,6 +29,8 @@ def _source_trials(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _info(trial_dir: Path) -> dict[str, Any]:
+    from crossdet_ray.engine.run_logs import INFO_FILE  # (run_logs imports torch: only here)
+
     try:
         return json.loads((trial_dir / INFO_FILE).read_text())
     except (OSError, ValueError):  # none, or damaged: the trial is still a candidate
@@ -44,6 +45,8 @@ def _best_map(trial_dir: Path) -> float:
 def resolve_init_weights(run_dir: str, backbones: list[str]) -> dict[str, dict[str, Any]]:
     """{backbone: {"path", "trial", "best_map", "best_map_epoch"}} of `run_dir`'s
     best_map_model.pth for every backbone; among an LR grid's trials, the best one's."""
+    from crossdet_ray.engine.run_logs import BEST_MAP_FILE  # (imports torch: only for --init-from)
+
     source = Path(run_dir).expanduser().resolve()
     if not source.is_dir():
         raise FollowUpError(f"--init-from: {run_dir} is not a directory; pass a finished run's "

@@ -7,11 +7,14 @@ The run directory is Tune's experiment directory (`LOG_DIR/NAME`), so `Tuner.res
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import math
 import os
 import posixpath
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from crossdet_ray.backbones import BACKBONE_NAMES, relative_cost
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.data import check_dataset
-from crossdet_ray.engine.run_logs import dumps_json, restore_announced_epoch
+from crossdet_ray.engine.json_files import dumps_json
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.tune.datasets import ensure_dataset, folder_spec, synthetic_spec
 from crossdet_ray.tune.resources import (
@@ -223,8 +225,12 @@ def quiet_console() -> None:
 def cluster_shape() -> ClusterShape:
     alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     nodes = tuple({"CPU": float(r.get("CPU", 0)), "GPU": float(r.get("GPU", 0))} for r in alive)
-    local_gpu_memory = (torch.cuda.get_device_properties(0).total_memory / 2**30
-                        if torch.cuda.is_available() else None)
+    local_gpu_memory = None
+    if any(n["GPU"] > 0 for n in nodes):
+        import torch  # only then: seconds of import on a small CPU-only driver
+
+        if torch.cuda.is_available():
+            local_gpu_memory = torch.cuda.get_device_properties(0).total_memory / 2**30
     return ClusterShape(total_cpus=sum(n["CPU"] for n in nodes),
                         total_gpus=sum(n["GPU"] for n in nodes), nodes=nodes,
                         gpu_memory_gb=cluster_gpu_memory_gb(alive, local_gpu_memory))
@@ -305,6 +311,23 @@ def _trial_dirname(trial) -> str:
 
 
 TRAINABLE = tune.with_resources(train_backbone, resources=_trial_bundle)
+
+
+def installed_torch_version() -> str:
+    """torch.__version__ (e.g. 2.14.1+cu130), read from torch/version.py when torch is not
+    imported yet: the driver never needs torch itself, and importing it costs seconds."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].__version__
+    spec = importlib.util.find_spec("torch")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            text = Path(folder, "version.py").read_text()
+        except OSError:
+            continue
+        match = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+        if match:
+            return match.group(1)
+    return importlib.metadata.version("torch")
 
 
 # -- validation --------------------------------------------------------------------------------
@@ -426,7 +449,7 @@ def launch(config: LaunchConfig) -> RunOutcome:
         "run_control": param_space["run_control"],
         "init_weights": init_weights,
         "mlflow_tracking_uri": tracking_uri,
-        "ray_version": ray.__version__, "torch_version": torch.__version__,
+        "ray_version": ray.__version__, "torch_version": installed_torch_version(),
         "started": datetime.now().isoformat(timespec="seconds"),
     }))
     control = RunControlCallback(start_run_control(param_space["run_control"]),
@@ -630,6 +653,8 @@ def _fit_and_summarise(tuner: tune.Tuner, config: LaunchConfig, run_storage: Run
 def _restore_announced_rows(run_storage: RunStorage, results) -> None:
     """A trial stopped right after Tune took its last report (ASHA) may not have written that
     epoch's rows: add them from the checkpoint pointer Tune holds."""
+    from crossdet_ray.engine.run_logs import restore_announced_epoch
+
     for result in results or []:
         name = (result.config or {}).get("trial", {}).get("name")
         if name is None or result.checkpoint is None:

@@ -18,13 +18,16 @@ import math
 import os
 import tempfile
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ray import tune
 
-from crossdet_ray.engine.run_logs import SeedLogWriter, dumps_json
-from crossdet_ray.engine.storage import RunStorage
-from crossdet_ray.engine.train import BatchMetrics, EpochMetrics, TrainingSummary
+from crossdet_ray.engine.json_files import dumps_json
+
+if TYPE_CHECKING:  # types only: the driver imports this module and never needs torch
+    from crossdet_ray.engine.run_logs import SeedLogWriter
+    from crossdet_ray.engine.storage import RunStorage
+    from crossdet_ray.engine.train import BatchMetrics, EpochMetrics, TrainingSummary
 
 logger = logging.getLogger(__name__)
 

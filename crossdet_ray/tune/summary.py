@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
-from crossdet_ray.engine.run_logs import dumps_json
+from crossdet_ray.engine.json_files import dumps_json
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.tune.failures import (
     ANSI_ESCAPE,

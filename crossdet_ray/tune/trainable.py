@@ -19,29 +19,33 @@ import socket
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import ray
-import torch
 from ray import tune
 
 from crossdet_ray.config import TrainConfig
-from crossdet_ray.engine.checkpoint import CheckpointError
 from crossdet_ray.engine.errors import DiskFullError
-from crossdet_ray.engine.run_logs import ResumePoint, SeedLogWriter, find_resume_point
-from crossdet_ray.engine.storage import RunStorage
-from crossdet_ray.engine.train import TrainingStopped, fit
-from crossdet_ray.tune.datasets import ensure_dataset
-from crossdet_ray.tune.failures import wait_for_memory_before_retry
-from crossdet_ray.tune.reporter import TrialReporter, read_checkpoint_pointer
 from crossdet_ray.tune.resources import TrialResources, torch_threads_for
 from crossdet_ray.tune.run_control import TrialControl
+
+if TYPE_CHECKING:
+    import torch
+
+    from crossdet_ray.engine.run_logs import ResumePoint, SeedLogWriter
+    from crossdet_ray.engine.storage import RunStorage
+
+# The training stack (torch, torchvision, the engine) is imported inside the functions that
+# use it: the driver imports this module to hand `train_backbone` to Tune, and should not pay
+# seconds of imports for what only the trial processes run.
 
 logger = logging.getLogger(__name__)
 
 
 def trial_device(granted_gpus: float) -> torch.device:
     """The device for a trial: its GPU when Ray granted one CUDA can see, else the CPU."""
+    import torch
+
     if granted_gpus > 0:
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -62,6 +66,8 @@ def this_process() -> dict[str, Any]:
 
 def trial_writer(config: dict[str, Any], trial_storage: RunStorage, train_config: TrainConfig,
                  extra_info: dict[str, Any]) -> SeedLogWriter:
+    from crossdet_ray.engine.run_logs import SeedLogWriter
+
     trial = config["trial"]
     return SeedLogWriter(
         trial_storage, trial["backbone"], train_config.to_dict(),
@@ -73,6 +79,8 @@ def trial_writer(config: dict[str, Any], trial_storage: RunStorage, train_config
 def run_fit(train: Callable[[], Any], writer: SeedLogWriter, control: TrialControl,
             trial_name: str) -> bool:
     """Run `train`, recording a failure in the trial's files; False when stopped on request."""
+    from crossdet_ray.engine.train import TrainingStopped
+
     try:
         train()
     except TrainingStopped:
@@ -93,6 +101,12 @@ def run_fit(train: Callable[[], Any], writer: SeedLogWriter, control: TrialContr
 def train_backbone(config: dict[str, Any]) -> None:
     """Ray Tune function trainable; `config` is built by `crossdet_ray.tune.launcher`."""
     entered_at = time.time()
+    from crossdet_ray.engine.checkpoint import CheckpointError
+    from crossdet_ray.engine.run_logs import find_resume_point
+    from crossdet_ray.engine.storage import RunStorage
+    from crossdet_ray.tune.failures import wait_for_memory_before_retry
+    from crossdet_ray.tune.reporter import read_checkpoint_pointer
+
     trial = config["trial"]
     # --init-from: the source run's best_map_model.pth for this backbone (none: fresh weights).
     train_config = TrainConfig.from_dict(config["train"]).replace(
@@ -132,6 +146,12 @@ def _train_here(config: dict[str, Any], train_config: TrainConfig, resources: Tr
                 trial_storage: RunStorage, resume: ResumePoint, control: TrialControl,
                 entered_at: float) -> bool:
     """One worker: train in this process."""
+    import torch
+
+    from crossdet_ray.engine.train import fit
+    from crossdet_ray.tune.datasets import ensure_dataset
+    from crossdet_ray.tune.reporter import TrialReporter
+
     trial = config["trial"]
     torch.set_num_threads(torch_threads_for(resources.cpu))
     device = trial_device(resources.gpu)
