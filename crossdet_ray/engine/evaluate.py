@@ -177,7 +177,7 @@ def _mean_valid(values: np.ndarray) -> float | None:
     return float(valid.mean()) if valid.size else None
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model: torch.nn.Module, loader: Iterable, device: torch.device):
     """Run the detector over a loader; returns (truths, predictions, image sizes) on the CPU."""
     was_training = model.training

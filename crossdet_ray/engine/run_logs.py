@@ -28,6 +28,7 @@ from typing import Any, Callable
 from crossdet_ray.engine.checkpoint import (
     BackgroundWriter,
     CheckpointError,
+    SnapshotBuffers,
     epoch_checkpoint_name,
     snapshot,
     validate_checkpoint,
@@ -174,6 +175,7 @@ class SeedLogWriter:
         self.last_checkpoint: str | None = None  # relative path of the newest committed epoch
         self._last_epoch = 0
         self._writes = BackgroundWriter()
+        self._snapshots = SnapshotBuffers()  # the epoch checkpoint's CPU copy, reused
         self._files_lock = threading.Lock()  # rows and info are written from two threads
         self._submit_lock = threading.Lock()
         self._closed = False
@@ -257,7 +259,9 @@ class SeedLogWriter:
             if self._closed:  # a stop was asked for: this epoch is not committed
                 raise TrainingStopped(f"{self.backbone}: stopped before epoch {metrics.epoch} "
                                       "was saved; it will be trained again on --resume")
-            self._writes.submit(self._commit_epoch, snapshot(checkpoint), name,
+            # The previous epoch's write has finished before its buffers are reused.
+            self._writes.wait()
+            self._writes.submit(self._commit_epoch, self._snapshots.take(checkpoint), name,
                                 metrics.is_best, entry, info, report, metrics.is_best_map)
 
     def on_train_end(self, summary: TrainingSummary, checkpoint: dict[str, Any]) -> None:
@@ -329,7 +333,10 @@ class SeedLogWriter:
 
     def wait_for_checkpoints(self) -> None:
         """Block until every epoch handed over so far is committed (or raise its failure)."""
-        self._writes.close()
+        try:
+            self._writes.close()
+        finally:
+            self._snapshots.clear()
 
     def _commit_epoch(self, checkpoint: dict[str, Any], name: str, is_best: bool,
                       entry: dict[str, Any], info: dict[str, Any],

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any, Callable, Protocol
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from crossdet_ray.backbones import get_backbone
 from crossdet_ray.config import TrainConfig
@@ -181,6 +181,21 @@ def _epoch_seed(config: TrainConfig, epoch: int) -> int:
     # Seeding every epoch from (seed, epoch) makes a resumed run draw the same shuffles and
     # drop-path masks as an uninterrupted one, without storing RNG state in checkpoints.
     return config.seed * 1_000_003 + epoch
+
+
+def seed_epoch_order(loader_generator: torch.Generator, shuffle_generator: torch.Generator,
+                     seed: int) -> None:
+    """Seed an epoch's loader: its workers' seeds and, separately, its shuffle.
+
+    The order is the one a fresh `DataLoader(shuffle=True, generator=...)` iterator draws from
+    a generator seeded with `seed`: such an iterator first takes one int64 from the generator
+    (its workers' base seed) and then shuffles. The sampler's own generator skips that draw,
+    so each epoch's order is the same as before workers persisted, with any number of workers
+    and on resume.
+    """
+    loader_generator.manual_seed(seed)
+    shuffle_generator.manual_seed(seed)
+    torch.empty((), dtype=torch.int64).random_(generator=shuffle_generator)
 
 
 def build_datasets(config: TrainConfig, data_dir: str):
@@ -380,18 +395,25 @@ def fit(
         "best_map_epoch": best_map_epoch,
     })
 
-    generator = torch.Generator()
+    # Loader workers start once and serve every epoch (and every evaluation): restarting
+    # them at each epoch forked the whole training process again, whose next steps then paid
+    # a copy-on-write fault for every page they wrote. The shuffle has its own generator,
+    # seeded per epoch, so the order does not depend on whether workers are restarted.
+    generator, shuffle_generator = torch.Generator(), torch.Generator()
+    persistent = config.num_workers > 0
     train_loader = group.prepare_loader(DataLoader(
-        train_set, batch_size=group.per_worker_batch(config.batch_size), shuffle=True,
+        train_set, batch_size=group.per_worker_batch(config.batch_size),
+        sampler=RandomSampler(train_set, generator=shuffle_generator),
         num_workers=config.num_workers, collate_fn=collate_detection, generator=generator,
-        pin_memory=device.type == "cuda", persistent_workers=False))
+        pin_memory=device.type == "cuda", persistent_workers=persistent))
     test_loader = DataLoader(test_set, batch_size=config.batch_size, shuffle=False,
-                             num_workers=config.num_workers, collate_fn=collate_detection)
+                             num_workers=config.num_workers, collate_fn=collate_detection,
+                             persistent_workers=persistent)
 
     checkpoint: dict[str, Any] | None = None
     for epoch in range(start_epoch, config.epochs + 1):
         torch.manual_seed(_epoch_seed(config, epoch))
-        generator.manual_seed(_epoch_seed(config, epoch))
+        seed_epoch_order(generator, shuffle_generator, _epoch_seed(config, epoch))
         if isinstance(train_loader.sampler, DistributedSampler):
             # Its shuffle is seeded by (its seed + epoch): a new order each epoch, the same
             # on every worker, and the same again on resume.
