@@ -98,6 +98,16 @@ def run_fit(train: Callable[[], Any], writer: SeedLogWriter, control: TrialContr
     return True
 
 
+# Ray logs "Checkpoint successfully created at: ..." at every epoch of every trial; our own
+# progress lines already say each epoch ended, and epoch_metrics.csv where its file is.
+RAY_CHECKPOINT_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage")
+
+
+def quiet_checkpoint_notices() -> None:
+    for name in RAY_CHECKPOINT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_backbone(config: dict[str, Any]) -> None:
     """Ray Tune function trainable; `config` is built by `crossdet_ray.tune.launcher`."""
     entered_at = time.time()
@@ -107,6 +117,7 @@ def train_backbone(config: dict[str, Any]) -> None:
     from crossdet_ray.tune.failures import wait_for_memory_before_retry
     from crossdet_ray.tune.reporter import read_checkpoint_pointer
 
+    quiet_checkpoint_notices()
     trial = config["trial"]
     # --init-from: the source run's best_map_model.pth for this backbone (none: fresh weights).
     train_config = TrainConfig.from_dict(config["train"]).replace(
