@@ -4,7 +4,7 @@ The names below are imported on first use (PEP 562), so `crossdet_ray.engine.run
 `.storage` alone (the driver's needs) do not import the model and torchvision.
 """
 
-from importlib import import_module
+from crossdet_ray.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "CheckpointError": "checkpoint", "epoch_checkpoint_name": "checkpoint",
@@ -20,15 +20,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:  # `from crossdet_ray.engine import train` then imports the submodule
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -5,7 +5,7 @@ The names below are imported on first use (PEP 562): a trial's worker process im
 neither should pay for the launcher, the planner and the summary (pandas) on two cores.
 """
 
-from importlib import import_module
+from crossdet_ray.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "LaunchConfig": "launcher", "LaunchError": "launcher", "RunOutcome": "launcher",
@@ -17,15 +17,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:  # `from crossdet_ray.tune import launcher` then imports the submodule
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
