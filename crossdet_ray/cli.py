@@ -35,10 +35,14 @@ def _describe_preset(name: str) -> str:
 
 def _frame_size(text: str) -> int | str:
     """--synthetic-frame-size: a side (square frames) or HEIGHTxWIDTH."""
+    from crossdet_ray.synthetic import MIN_FRAME_SIDE
+
     parts = text.lower().split("x")
-    if len(parts) in (1, 2) and all(part.isdigit() and int(part) > 0 for part in parts):
+    if len(parts) in (1, 2) and all(part.isdigit() and int(part) >= MIN_FRAME_SIDE
+                                    for part in parts):
         return int(text) if len(parts) == 1 else f"{int(parts[0])}x{int(parts[1])}"
-    raise argparse.ArgumentTypeError(f"{text!r}: give a side (96) or HEIGHTxWIDTH (96x144)")
+    raise argparse.ArgumentTypeError(f"{text!r}: give a side (96) or HEIGHTxWIDTH (96x144), "
+                                     f"each at least {MIN_FRAME_SIDE} px")
 
 
 class _HelpFormatter(argparse.HelpFormatter):

@@ -106,3 +106,18 @@ def test_readme_quick_start_learns_and_fits_its_disk(tmp_path):
         assert 1 <= len(epoch_files) <= 3, (backbone, epoch_files)
         # The epoch file, the best ones when older, and the final weights-only file.
         assert len(inodes) <= 4, (backbone, sorted(p.name for p in checkpoints.glob("*.pth")))
+
+
+def test_synthetic_frame_size_takes_a_side_or_height_by_width(capsys):
+    from crossdet_ray.cli import parse_args
+    from crossdet_ray.tune.datasets import frame_sizes
+
+    assert frame_sizes(parse_args(["--synthetic-frame-size", "96X144"]).synthetic_frame_size) \
+        == [(96, 144)]
+    assert frame_sizes(parse_args(["--synthetic-frame-size", "120"]).synthetic_frame_size) \
+        == [(120, 120)]
+    for bad in ("8x100", "96x", "big"):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(["--synthetic-frame-size", bad])
+        assert exit_info.value.code == 2
+        assert "--synthetic-frame-size" in capsys.readouterr().err
