@@ -22,10 +22,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, output: str) -> None:
 
 
 def run_train_config(args: argparse.Namespace, **changes) -> TrainConfig:
-    """The detector resize keeps the reference's 800:1333 ratio; no loader workers."""
+    """The detector resize keeps the reference's 800:1333 ratio; no loader workers unless
+    `changes` says otherwise."""
+    changes.setdefault("num_workers", 0)
     return TrainConfig(epochs=args.epochs, min_size=args.min_size,
                        max_size=max(args.min_size, int(args.min_size * 1333 / 800)),
-                       num_workers=0, backbones=args.backbones, **changes)
+                       backbones=args.backbones, **changes)
 
 
 def write_results(args: argparse.Namespace, **payload: Any) -> None:

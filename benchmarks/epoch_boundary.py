@@ -33,7 +33,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from common import write_results
+from common import run_train_config, write_results
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.engine import train as train_module
 from crossdet_ray.engine.run_logs import SeedLogWriter
@@ -178,8 +178,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     data_dir = ensure_dataset(synthetic_spec(args.images, 0))
-    config = TrainConfig(data=data_dir, epochs=args.epochs, min_size=args.min_size,
-                         max_size=int(args.min_size * 1333 / 800), num_workers=args.num_workers)
+    config = run_train_config(args, data=data_dir, num_workers=args.num_workers)
     load_before = os.getloadavg()
     results, rows = {}, []
     for backbone in args.backbones:

@@ -44,7 +44,7 @@ import torch
 from tabulate import tabulate
 from torch.utils.data import DataLoader
 
-from common import write_results
+from common import run_train_config, write_results
 from crossdet_ray.config import BACKBONES, TrainConfig
 from crossdet_ray.data import collate_detection
 from crossdet_ray.engine import train as train_module
@@ -254,8 +254,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     data_dir = ensure_dataset(synthetic_spec(args.images, 0))
-    config = TrainConfig(data=data_dir, epochs=args.epochs, min_size=args.min_size,
-                         max_size=int(args.min_size * 1333 / 800), num_workers=args.num_workers)
+    config = run_train_config(args, data=data_dir, num_workers=args.num_workers)
     peak = matmul_peak_gflops() if set(args.backbones) & set(FLOOR_BACKBONES) else None
     results, rows = {}, []
     for backbone in args.backbones:
