@@ -34,6 +34,7 @@ import torch.distributed as dist
 from ray.util.queue import Empty, Queue
 
 from crossdet_ray.config import TrainConfig
+from crossdet_ray.engine.host_memory import retain_freed_host_memory
 from crossdet_ray.engine.parallel import WorkerGroup
 from crossdet_ray.engine.run_logs import ResumePoint
 from crossdet_ray.engine.storage import RunStorage
@@ -181,6 +182,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     storage: RunStorage = loop_config["storage"]
     world_size = ray.train.get_context().get_world_size()
     torch.set_num_threads(loop_config["threads"])
+    retained = retain_freed_host_memory()  # a worker process exists to train (engine/host_memory)
     device = (ray.train.torch.get_device() if loop_config["use_gpu"] and torch.cuda.is_available()
               else trial_device(1.0 if loop_config["use_gpu"] else 0.0))
     # Every rank gathers where every rank runs; the main worker records it.
@@ -203,6 +205,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     relay: RelayClient = loop_config["relay"]
     writer = trial_writer(config, storage, train_config, {
         **placements[0], "torch_threads": torch.get_num_threads(),
+        "host_memory_retained": retained,
         "trainable_started_at": loop_config["entered_at"], "workers": world_size,
         "per_worker_batch": group.per_worker_batch(train_config.batch_size),
         "worker_placements": placements})

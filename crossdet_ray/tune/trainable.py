@@ -159,6 +159,7 @@ def _train_here(config: dict[str, Any], train_config: TrainConfig, resources: Tr
     """One worker: train in this process."""
     import torch
 
+    from crossdet_ray.engine.host_memory import retain_freed_host_memory
     from crossdet_ray.engine.train import fit
     from crossdet_ray.tune.datasets import ensure_dataset
     from crossdet_ray.tune.reporter import TrialReporter
@@ -166,8 +167,11 @@ def _train_here(config: dict[str, Any], train_config: TrainConfig, resources: Tr
     trial = config["trial"]
     torch.set_num_threads(torch_threads_for(resources.cpu))
     device = trial_device(resources.gpu)
+    # This process exists to train: no page faults for memory the next step needs again.
+    retained = retain_freed_host_memory()
     writer = trial_writer(config, trial_storage, train_config, {
         **this_process(), "torch_threads": torch.get_num_threads(),
+        "host_memory_retained": retained,
         "trainable_started_at": entered_at, "workers": 1,
         "per_worker_batch": train_config.batch_size})
     writer.recovered_entry = resume.log_entry

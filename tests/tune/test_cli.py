@@ -135,6 +135,7 @@ def test_flags_reach_the_trial(tiny_dataset, tmp_path):
     info = training_info(trial)
     assert info["status"] == "completed"
     assert info["torch_threads"] == 1 and info["resources"]["cpu"] == 1
+    assert info["host_memory_retained"] is True  # engine/host_memory: glibc on Linux
     assert info["config"]["num_workers"] == 2 and len(epoch_rows(trial)) == 1
     final = torch.load(trial / "checkpoints" / "mit_b0_final.pth", weights_only=True)
     for name in ("block1.0.attn.q.weight", "patch_embed4.proj.weight"):

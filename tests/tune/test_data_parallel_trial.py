@@ -109,6 +109,7 @@ def test_training_info_records_the_workers_and_their_share(finished_trial):
     info = training_info(finished_trial)
     assert info["status"] == "completed"
     assert (info["workers"], info["per_worker_batch"]) == (WORKERS, GLOBAL_BATCH // WORKERS)
+    assert info["host_memory_retained"] is True
     placements = info["worker_placements"]
     assert sorted(p["rank"] for p in placements) == [0, 1]
     assert len({p["pid"] for p in placements}) == WORKERS  # two processes, not one
