@@ -29,7 +29,7 @@ CrossAttentionDet's script does not, so the two cannot share one process.
 For every backbone it also states the arithmetic floor of a steady step: the FLOPs of one
 training step (forward + backward) counted by torch.utils.flop_counter.FlopCounterMode,
 divided by this CPU's matmul peak measured here with torch.mm (1024 x 12544 x 1024, best of
-5), and the ratio of the engine's steady step (median of its steps after the first two) to it.
+10), and the ratio of the engine's steady step (median of its steps after the first two) to it.
 torch's own count of a convolution's backward charges a grouped (depthwise) convolution's
 weight gradient as if it were dense, C times too much for the MixFFN's 3 x 3 depthwise
 convolutions (it put mit_b5's step at 4,230 GFLOP instead of about 1,080), so here each
@@ -208,7 +208,19 @@ class Alternating:
         self.reporter.on_train_end(summary, checkpoint)
 
 
-def matmul_peak_gflops(repeats: int = 5) -> float:
+def cpu_times() -> list[int]:
+    """/proc/stat's first line: user nice system idle iowait irq softirq steal (jiffies)."""
+    with open("/proc/stat") as stat:
+        return [int(field) for field in stat.readline().split()[1:9]]
+
+
+def steal_percent(before: list[int], after: list[int]) -> float:
+    """Share of the machine's CPU time its host gave to others (a shared VM's noise)."""
+    spent = [b - a for a, b in zip(before, after)]
+    return 100.0 * spent[7] / max(sum(spent), 1)
+
+
+def matmul_peak_gflops(repeats: int = 10) -> float:
     a, b = torch.randn(1024, 12544), torch.randn(12544, 1024)
     torch.mm(a, b)
     best = math.inf
@@ -280,7 +292,7 @@ def run_backbone(backbone: str, config: TrainConfig, data_dir: str, peak: float 
         torch.save(state, state_path)
         del state
         baseline = BaselineInChild(config, backbone, data_dir, num_classes, state_path, out)
-        load_before = os.getloadavg()
+        load_before, times_before = os.getloadavg(), cpu_times()
         writer = SeedLogWriter(RunStorage.from_uri(os.path.join(out, backbone)), backbone,
                                config.to_dict())
         reporter = TrialReporter(writer, announce=lambda metrics, pointer: None)
@@ -291,7 +303,7 @@ def run_backbone(backbone: str, config: TrainConfig, data_dir: str, peak: float 
         finally:
             train_module.evaluate_coco = original_evaluate
             baseline.close()
-        load_after = os.getloadavg()
+        load_after, times_after = os.getloadavg(), cpu_times()
 
     frames = len(train_set) * config.epochs
     engine_sec, baseline_sec = sum(listener.epoch_sec), sum(baseline.epoch_sec)
@@ -314,6 +326,7 @@ def run_backbone(backbone: str, config: TrainConfig, data_dir: str, peak: float 
         "step1_max_rel_diff": max(differences.values()),
         "step1_equal": max(differences.values()) <= LOSS_TOLERANCE,
         "load_average": {"before": load_before, "after": load_after},
+        "steal_percent": steal_percent(times_before, times_after),
     }
     if peak is not None:
         gflop = step_gflop(config, backbone, num_classes, train_set)
@@ -355,7 +368,8 @@ def main() -> None:
                      f"{'equal' if result['step1_equal'] else 'DIFFERENT'} "
                      f"({result['step1_max_rel_diff']:.1e})",
                      f"{result['load_average']['before'][0]:.1f}-"
-                     f"{result['load_average']['after'][0]:.1f}"))
+                     f"{result['load_average']['after'][0]:.1f}",
+                     f"{result['steal_percent']:.0f}%"))
         print(f"{backbone}: step-1 losses engine {result['step1_losses']['engine']['loss']:.6f}, "
               f"baseline {result['step1_losses']['baseline']['loss']:.6f}: "
               f"{'equal' if result['step1_equal'] else 'NOT equal'} within {LOSS_TOLERANCE:g} "
@@ -364,9 +378,9 @@ def main() -> None:
     print(tabulate(rows, headers=(
         "backbone", "eager baseline img/s", "engine img/s", "ratio",
         "steady step s (baseline / engine)", "engine eval s (not in img/s)",
-        "floor step (engine steady / floor)", "step-1 losses", "load avg"), tablefmt="github"))
+        "floor step (engine steady / floor)", "step-1 losses", "load avg", "CPU stolen by the host"), tablefmt="github"))
     if peak is not None:
-        print(f"matmul peak {peak:.0f} GFLOP/s (torch.mm 1024 x 12544 x 1024, best of 5); "
+        print(f"matmul peak {peak:.0f} GFLOP/s (torch.mm 1024 x 12544 x 1024, best of 10); "
               f"{torch.get_num_threads()} torch threads")
     write_results(args, matmul_peak_gflops=peak, results=results)
 
