@@ -17,6 +17,9 @@ and the writer's competition for the cores shows in the next epoch's steps: `exc
 is the sum over the next epoch's steps that ran while the checkpoint was being written of
 (step time - the steady step), the steady step being the median of epoch 1's steps after the
 first two. `boundary cost` = gap + excess steps, in seconds and in steady steps.
+`--host-memory retain` (the default) keeps freed host memory in the process as a trial's
+process does (engine/host_memory.py); `release` is glibc's default. Code on `PYTHONPATH` that
+predates engine/host_memory.py runs with `release`, and the table says so.
 Prints a table and writes benchmarks/results/epoch_boundary.json.
 """
 
@@ -173,9 +176,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--min-size", type=int, default=320)
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--host-memory", choices=("retain", "release"), default="retain")
     parser.add_argument("--output", default="benchmarks/results/epoch_boundary.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    host_memory = "release"
+    if args.host_memory == "retain":
+        try:
+            from crossdet_ray.engine.host_memory import retain_freed_host_memory
+        except ImportError:  # code from before it existed
+            pass
+        else:
+            host_memory = "retain" if retain_freed_host_memory() else "release"
 
     data_dir = ensure_dataset(synthetic_spec(args.images, 0))
     config = run_train_config(args, data=data_dir, num_workers=args.num_workers)
@@ -198,8 +210,8 @@ def main() -> None:
                                   "in steady steps"), tablefmt="github"))
     load = {"before": load_before, "after": os.getloadavg()}
     print(f"load average before {load_before[0]:.2f}, after {load['after'][0]:.2f}; "
-          f"num_workers {args.num_workers}")
-    write_results(args, load_average=load, results=results)
+          f"num_workers {args.num_workers}; host memory: {host_memory}")
+    write_results(args, load_average=load, host_memory=host_memory, results=results)
 
 
 if __name__ == "__main__":
