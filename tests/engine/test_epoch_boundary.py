@@ -127,3 +127,23 @@ def test_the_writer_thread_runs_at_the_lowest_priority_and_training_threads_do_n
     writer.close()
     assert seen == [19]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19
+
+
+def test_test_loader_workers_are_forked_before_the_first_step(tiny_train_config, monkeypatch):
+    """Forked at the first evaluation they would share the step's retained memory, and the
+    next epoch would copy every page it writes; forked before the first step, they share
+    little more than the weights."""
+    import multiprocessing
+
+    children_at_first_step: list[int] = []
+
+    class FirstStepListener(train_module.NullListener):
+        def on_batch_end(self, metrics):
+            if not children_at_first_step:
+                children_at_first_step.append(len(multiprocessing.active_children()))
+
+    monkeypatch.setattr(train_module, "build_model", lambda *a, **k: _Tiny())
+    monkeypatch.setattr(train_module, "count_parameters", lambda m: 1)
+    config = tiny_train_config.replace(epochs=1, num_workers=2)
+    fit(config, "mit_b0", config.data, listener=FirstStepListener())
+    assert children_at_first_step == [4]  # two training and two test loader workers
