@@ -65,7 +65,7 @@ from crossdet_ray.models import build_detector
 from crossdet_ray.tune.datasets import ensure_dataset, synthetic_spec
 from crossdet_ray.tune.reporter import TrialReporter
 
-LOSS_TOLERANCE = 1e-4  # relative, step 1: fused vs explicit attention and RoIAlign differ ~1e-6
+LOSS_TOLERANCE = 1e-4  # relative, step 1 (float32: proposal choices can flip; tests/models/test_speed_switches.py)
 
 
 class Baseline:
@@ -323,6 +323,7 @@ def run_backbone(backbone: str, config: TrainConfig, data_dir: str, peak: float 
         "baseline_steady_step_sec": statistics.median(baseline.step_sec[2:]
                                                       or baseline.step_sec),
         "step1_losses": {"engine": listener.first_losses, "baseline": baseline.first_losses},
+        "step1_rel_diff": differences,
         "step1_max_rel_diff": max(differences.values()),
         "step1_equal": max(differences.values()) <= LOSS_TOLERANCE,
         "load_average": {"before": load_before, "after": load_after},
@@ -373,8 +374,10 @@ def main() -> None:
         print(f"{backbone}: step-1 losses engine {result['step1_losses']['engine']['loss']:.6f}, "
               f"baseline {result['step1_losses']['baseline']['loss']:.6f}: "
               f"{'equal' if result['step1_equal'] else 'NOT equal'} within {LOSS_TOLERANCE:g} "
-              f"relative (max {result['step1_max_rel_diff']:.1e} over the loss and its four parts)",
-              flush=True)
+              f"relative (max {result['step1_max_rel_diff']:.1e} over the loss and its four parts: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in result["step1_rel_diff"].items())
+              + "; the box classifier's moves with the RPN's top-k/NMS choices, see "
+              "tests/models/test_speed_switches.py)", flush=True)
     print(tabulate(rows, headers=(
         "backbone", "eager baseline img/s", "engine img/s", "ratio",
         "steady step s (baseline / engine)", "engine eval s (not in img/s)",

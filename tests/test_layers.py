@@ -16,7 +16,8 @@ def test_engine_models_and_data_run_without_ray():
     modules = ("crossdet_ray.engine.train, crossdet_ray.engine.evaluate, "
                "crossdet_ray.engine.run_logs, crossdet_ray.engine.storage, "
                "crossdet_ray.engine.checkpoint, crossdet_ray.engine.inference, "
-               "crossdet_ray.engine.predict, crossdet_ray.models, crossdet_ray.data.dataset, "
+               "crossdet_ray.engine.predict, crossdet_ray.engine.host_memory, "
+               "crossdet_ray.models, crossdet_ray.data.dataset, "
                "crossdet_ray.data.check, crossdet_ray.synthetic, crossdet_ray.cli")
     assert _imported(f"import {modules}", "m == 'ray' or m.startswith('ray.')") == "[]"
 
