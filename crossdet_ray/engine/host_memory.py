@@ -3,10 +3,10 @@
 A training step allocates and frees the same large tensors every step (activations, their
 gradients, the box head's 1024 x 12544 RoI features). glibc serves blocks over its mmap
 threshold (at most 32 MB) with fresh `mmap`s and returns freed heap tops to the kernel, so
-every step faults those pages in again: 70-130 thousand minor faults and 0.2-1.0 s of system
-time per steady mit_b2 step on the 2-core VM, where a fault costs several microseconds
-(docs/performance.md, "Host memory"). Serving every block from the heap and never trimming
-it makes steady steps fault-free; the process keeps the memory of its largest step, which a
+every step faults those pages in again: 37-133 thousand minor faults and 0.14-1.0 s of
+system time per steady mit_b2 step on the 2-core VM (docs/performance.md, "Host memory").
+Serving every block from the heap and trimming it only past 2 GiB of free top leaves steady
+steps (nearly) fault-free; the process keeps the memory of its largest step, which a
 training process needs again at the next step anyway.
 
 The setting is process-wide, so it is applied only where a process exists to train (a trial,
@@ -29,7 +29,7 @@ LARGEST_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int: trim only past 2 Gi
 
 
 def retain_freed_host_memory() -> bool:
-    """Make glibc's malloc serve every block from the heap and never trim it.
+    """Make glibc's malloc serve every block from the heap and keep what is freed.
 
     Returns whether it took effect; on other C libraries (macOS, musl) it does nothing and
     returns False. Numerics are untouched: only where the bytes come from changes.
@@ -37,7 +37,7 @@ def retain_freed_host_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False

@@ -409,7 +409,8 @@ def fit(
     test_loader = DataLoader(test_set, batch_size=config.batch_size, shuffle=False,
                              num_workers=config.num_workers, collate_fn=collate_detection,
                              persistent_workers=persistent)
-    if persistent and group.is_main and config.evaluate_every_epoch and len(test_set):
+    if (persistent and group.is_main and config.evaluate_every_epoch and len(test_set)
+            and start_epoch <= config.epochs):
         # Fork the test loader's workers now, beside the training loader's, while this
         # process holds little more than the weights: forked at the first evaluation, they
         # would share every page of the step's retained memory (engine/host_memory.py), and
