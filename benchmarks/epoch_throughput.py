@@ -142,7 +142,8 @@ class BaselineInChild:
                  state_path: str, out: str):
         context = multiprocessing.get_context("spawn")
         self.connection, child_end = context.Pipe()
-        self.process = context.Process(target=baseline_process, daemon=True, args=(
+        # Not a daemon: the baseline's DataLoader starts worker processes of its own.
+        self.process = context.Process(target=baseline_process, args=(
             child_end, config.to_dict(), backbone, data_dir, num_classes, state_path, out))
         self.process.start()
         if self.connection.recv() != "ready":
@@ -158,8 +159,13 @@ class BaselineInChild:
         self.step_sec, self.first_losses = reply["step_sec"], reply["first_losses"]
 
     def close(self) -> None:
-        self.connection.send(None)
+        try:
+            self.connection.send(None)
+        except OSError:  # it has died already (its traceback is on stderr)
+            pass
         self.process.join(timeout=60)
+        if self.process.is_alive():
+            self.process.terminate()
 
 
 class Alternating:
