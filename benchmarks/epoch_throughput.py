@@ -1,4 +1,4 @@
-"""Whole epochs: our engine against the plain eager baseline, alternating in one process.
+"""Whole epochs: our engine against the plain eager baseline, alternating epoch by epoch.
 
     python benchmarks/epoch_throughput.py [--backbones mit_b0 ... mit_b5] [--images 16]
         [--epochs 2] [--min-size 320] [--num-workers 0]
