@@ -51,6 +51,9 @@ class BackboneSpec:
     gpu_step_s: float  # A100 training step, batch 2 at 800x1333 (see the module docstring)
     num_heads: tuple[int, int, int, int] = MIT_NUM_HEADS
     sr_ratios: tuple[int, int, int, int] = MIT_SR_RATIOS
+    fpn_channels: int = 256  # FPN width, which the RPN and box head read too
+    box_head_size: int = 1024  # FasterRCNN's own representation size
+    for_tests: bool = False  # never a default backbone, a --help choice or a summary column
 
 
 _SPECS = (
@@ -70,17 +73,38 @@ _SPECS = (
                  parameters=196_598_113, train_memory_gb=35.0, checkpoint_on_cuda=True,
                  cpu_step_s=9.00, gpu_step_s=0.768),
 )
-# Smallest first: the order of the command's default --backbones and of the summary.
-BACKBONE_REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in _SPECS}
-BACKBONE_NAMES: tuple[str, ...] = tuple(BACKBONE_REGISTRY)
+# The test variant, as timm's `test_vit`: the same network code path (both streams, FRM, FFM,
+# FPN, Faster R-CNN) with one block a stage and narrow widths everywhere, so that tests of the
+# machinery (resume, signals, clusters, S3, ...) train a real detector in a fraction of the time.
+# Named explicitly or not at all: it is in no default and in no list of choices.
+# cpu_step_s: `python benchmarks/cpu_throughput.py --backbones test_mit --steps 4`, as mit_b0's;
+# gpu_step_s: mit_b0's scaled by the two CPU step times (no GPU measurement).
+TEST_SPEC = BackboneSpec("test_mit", depths=(1, 1, 1, 1), embed_dims=(16, 24, 32, 48),
+                         parameters=564_905, train_memory_gb=0.5,
+                         checkpoint_on_cuda=False, cpu_step_s=0.1, gpu_step_s=0.0073,
+                         num_heads=(1, 2, 2, 4), fpn_channels=32, box_head_size=64,
+                         for_tests=True)
+
+BACKBONE_REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in (*_SPECS, TEST_SPEC)}
+# The five real variants, smallest first: the command's default --backbones, its choices, and
+# the order of the summary.
+BACKBONE_NAMES: tuple[str, ...] = tuple(name for name, spec in BACKBONE_REGISTRY.items()
+                                        if not spec.for_tests)
+TEST_BACKBONE = TEST_SPEC.name
 COST_UNIT = "mit_b0"  # relative_cost is 1.0 here
 
 
 def get_backbone(name: str) -> BackboneSpec:
-    """The named variant; an unknown name raises ValueError listing the known ones."""
+    """The named variant (the test variant too); an unknown name raises ValueError listing the
+    real five."""
     if name not in BACKBONE_REGISTRY:
         raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONE_NAMES)}")
     return BACKBONE_REGISTRY[name]
+
+
+def is_backbone(name: str) -> bool:
+    """True for the five real variants and the test variant."""
+    return name in BACKBONE_REGISTRY
 
 
 def relative_cost(name: str) -> float:

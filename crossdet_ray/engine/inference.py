@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from crossdet_ray.backbones import BACKBONE_NAMES
+from crossdet_ray.backbones import BACKBONE_NAMES, BACKBONE_REGISTRY, is_backbone
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.data import NpyYoloDataset, collate_detection
 from crossdet_ray.engine.checkpoint import CheckpointError
@@ -25,7 +25,7 @@ from crossdet_ray.engine.evaluate import CocoReport, coco_report, predict
 from crossdet_ray.models import build_detector, count_parameters
 
 CLASS_WEIGHT_KEY = "roi_heads.box_predictor.cls_score.weight"
-_BACKBONE_IN_NAME = re.compile(r"(?<![a-z0-9])(" + "|".join(BACKBONE_NAMES) + r")(?![0-9])")
+_BACKBONE_IN_NAME = re.compile(r"(?<![a-z0-9])(" + "|".join(BACKBONE_REGISTRY) + r")(?![0-9])")
 
 
 @dataclass
@@ -84,7 +84,7 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointContents:
         raise CheckpointError(f"{path} is not a CrossAttentionDet checkpoint (neither a dict "
                               "with 'model_state_dict' nor a detector's state dict)")
     backbone = backbone or backbone_from_name(path)
-    if backbone not in BACKBONE_NAMES:
+    if not is_backbone(backbone):
         raise CheckpointError(f"{path}: cannot tell its backbone (the dict has no 'backbone' "
                               f"and the file name names none of {', '.join(BACKBONE_NAMES)})")
     if CLASS_WEIGHT_KEY not in state:

@@ -13,6 +13,7 @@ from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from crossdet_ray.backbones import get_backbone
 from crossdet_ray.models.encoder import DualStreamMiT, get_encoder
 from crossdet_ray.models.precision import (
     Float32AnchorGenerator,
@@ -24,19 +25,20 @@ from crossdet_ray.models.roi_pool import VectorizedMultiScaleRoIAlign
 
 logger = logging.getLogger(__name__)
 
-FPN_CHANNELS = 256
 IMAGE_MEAN = (0.485, 0.456, 0.406, 0.5, 0.5)  # RGB: ImageNet's; thermal, event: centred
 IMAGE_STD = (0.229, 0.224, 0.225, 0.5, 0.5)
 ANCHOR_SIZES = ((32,), (64,), (128,), (256,), (512,))
 FEATURE_NAMES = ["0", "1", "2", "3", "pool"]
 ROI_OUTPUT_SIZE = 7
-BOX_HEAD_SIZE = 1024  # FasterRCNN's own representation size
 
 
 class CrossAttentionBackbone(nn.Module):
-    """(B, 5, H, W) normalised frames -> FPN maps '0'..'3' and 'pool'."""
+    """(B, 5, H, W) normalised frames -> FPN maps '0'..'3' and 'pool'.
 
-    def __init__(self, encoder: DualStreamMiT, fpn_out_channels: int = FPN_CHANNELS):
+    256 FPN channels are FasterRCNN's and the five real variants'; the registry's test variant
+    narrows them (BackboneSpec.fpn_channels)."""
+
+    def __init__(self, encoder: DualStreamMiT, fpn_out_channels: int = 256):
         super().__init__()
         self.encoder = encoder
         self.fpn = FeaturePyramidNetwork(list(encoder.embed_dims), fpn_out_channels,
@@ -62,19 +64,21 @@ def build_detector(backbone: str, num_classes: int, pretrained: str | Path | Non
     boxes, regression targets, box losses and output boxes stay float32 (models/precision.py).
     Without autocast the network is torchvision's, weight for weight and output for output.
     """
+    spec = get_backbone(backbone)
     encoder = get_encoder(backbone, fused_attention=fused_attention)
     encoder.activation_checkpointing = activation_checkpointing
     if pretrained:
         load_pretrained_mit(encoder, pretrained)
-    backbone_module = CrossAttentionBackbone(encoder)
+    fpn_channels = spec.fpn_channels
+    backbone_module = CrossAttentionBackbone(encoder, fpn_channels)
     anchors = Float32AnchorGenerator(sizes=ANCHOR_SIZES, aspect_ratios=((0.5, 1.0, 2.0),) * 5)
     roi_pool_type = VectorizedMultiScaleRoIAlign if vectorized_roi_align else MultiScaleRoIAlign
     roi_pool = roi_pool_type(featmap_names=FEATURE_NAMES, output_size=ROI_OUTPUT_SIZE,
                              sampling_ratio=2)
     # The heads FasterRCNN would make, in its order, so a seed still gives the same weights.
-    rpn_head = Float32OutputRPNHead(FPN_CHANNELS, anchors.num_anchors_per_location()[0])
-    box_head = TwoMLPHead(FPN_CHANNELS * ROI_OUTPUT_SIZE**2, BOX_HEAD_SIZE)
-    box_predictor = Float32OutputPredictor(BOX_HEAD_SIZE, num_classes)
+    rpn_head = Float32OutputRPNHead(fpn_channels, anchors.num_anchors_per_location()[0])
+    box_head = TwoMLPHead(fpn_channels * ROI_OUTPUT_SIZE**2, spec.box_head_size)
+    box_predictor = Float32OutputPredictor(spec.box_head_size, num_classes)
     kwargs.setdefault("image_mean", list(IMAGE_MEAN))
     kwargs.setdefault("image_std", list(IMAGE_STD))
     model = FasterRCNN(backbone_module, rpn_anchor_generator=anchors, rpn_head=rpn_head,

@@ -17,7 +17,10 @@ from crossdet_ray.synthetic import generate_dataset
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CACHE = Path(os.environ.get("CROSSDET_CACHE", Path.home() / ".cache" / "crossdet_ray"))
+def default_cache() -> Path:
+    """CROSSDET_CACHE, else ~/.cache/crossdet_ray: read when used, so the environment of the
+    process that makes the dataset counts, not that of whoever imported this module first."""
+    return Path(os.environ.get("CROSSDET_CACHE", Path.home() / ".cache" / "crossdet_ray"))
 
 
 # What `--synthetic-objects` names: the real-like default (1-5 boxes of 6-30 % of the short
@@ -51,16 +54,17 @@ def folder_spec(path: str) -> dict[str, Any]:
     return {"kind": "folder", "path": str(Path(path).expanduser().resolve())}
 
 
-def synthetic_dir(spec: dict[str, Any], cache: Path = DEFAULT_CACHE) -> Path:
+def synthetic_dir(spec: dict[str, Any], cache: Path | None = None) -> Path:
     size = spec.get("frame_size")
     suffix = f"_{size}px" if size else ""
     objects = spec.get("objects", "real")
     if objects != "real":
         suffix += f"_{objects}"
+    cache = default_cache() if cache is None else cache
     return cache / f"synthetic_n{spec['num_images']}_seed{spec['seed']}{suffix}"
 
 
-def ensure_dataset(spec: dict[str, Any], cache: Path = DEFAULT_CACHE) -> str:
+def ensure_dataset(spec: dict[str, Any], cache: Path | None = None) -> str:
     """Path of the dataset a spec names, generating the synthetic one when it is missing."""
     if spec["kind"] == "folder":
         return spec["path"]

@@ -26,7 +26,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from crossdet_ray.backbones import BACKBONE_NAMES, relative_cost
+from crossdet_ray.backbones import BACKBONE_NAMES, is_backbone, relative_cost
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.data import check_dataset
 from crossdet_ray.engine.json_files import dumps_json
@@ -333,7 +333,7 @@ def installed_torch_version() -> str:
 # -- validation --------------------------------------------------------------------------------
 def validate(config: LaunchConfig) -> None:
     train = config.train
-    unknown = [b for b in train.backbones if b not in BACKBONE_NAMES]
+    unknown = [b for b in train.backbones if not is_backbone(b)]
     if unknown:
         raise LaunchError(f"--backbones: unknown {', '.join(unknown)}; "
                           f"choose from {', '.join(BACKBONE_NAMES)}")

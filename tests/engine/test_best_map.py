@@ -144,14 +144,14 @@ def _max_difference(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    """Two epochs of mit_b0 on 12 frames of 64 px, its last checkpoint saved as a file."""
+    """Two epochs of test_mit on 12 frames of 64 px, its last checkpoint saved as a file."""
     from crossdet_ray.config import TrainConfig
     from crossdet_ray.synthetic import generate_dataset
 
     data = tmp_path_factory.mktemp("init_data")
     generate_dataset(data, 12, seed=0, sizes=[(64, 64)])
     config = TrainConfig(data=str(data), epochs=2, batch_size=2, num_workers=0,
-                         backbones=["mit_b0"], min_size=64, max_size=64, seed=0)
+                         backbones=["test_mit"], min_size=64, max_size=64, seed=0)
     captured = {}
 
     class Keep(_Last):
@@ -161,7 +161,7 @@ def source(tmp_path_factory):
                                       for k, v in checkpoint.items()}
 
     listener = Keep()
-    fit(config, "mit_b0", str(data), listener=listener)
+    fit(config, "test_mit", str(data), listener=listener)
     path = tmp_path_factory.mktemp("init_source") / "best_map_model.pth"
     torch.save(captured["checkpoint"], path)
     return config, listener, path
@@ -185,8 +185,8 @@ def test_init_weights_start_training_from_the_source_weights(source):
     config, listener, path = source
     still = config.replace(epochs=1, lr=1e-12, evaluate_every_epoch=False)
     initialised, fresh = _Last(), _Last()
-    fit(still.replace(init_weights=str(path)), "mit_b0", config.data, listener=initialised)
-    fit(still, "mit_b0", config.data, listener=fresh)
+    fit(still.replace(init_weights=str(path)), "test_mit", config.data, listener=initialised)
+    fit(still, "test_mit", config.data, listener=fresh)
     assert _max_difference(initialised.weights, listener.weights) < 1e-6
     assert _max_difference(fresh.weights, listener.weights) > 1e-3
     assert initialised.info["init_from"] == {"path": str(path), "epoch": 2}
@@ -201,7 +201,7 @@ def test_resume_wins_over_init_weights(source, tmp_path):
     checkpoint = torch.load(path, weights_only=True)
     resumed = _Last()
     fit(config.replace(epochs=3, evaluate_every_epoch=False, init_weights=str(missing)),
-        "mit_b0", config.data, listener=resumed, resume_from=checkpoint)
+        "test_mit", config.data, listener=resumed, resume_from=checkpoint)
     assert [m.epoch for m in resumed.epochs] == [3]
     assert resumed.info["init_from"] == {"path": str(missing), "epoch": None}
 
@@ -210,5 +210,5 @@ def test_init_weights_of_another_backbone_is_refused(source):
     from crossdet_ray.engine.checkpoint import CheckpointError
 
     config, _, path = source
-    with pytest.raises(CheckpointError, match="holds mit_b0, not mit_b1"):
+    with pytest.raises(CheckpointError, match="holds test_mit, not mit_b1"):
         fit(config.replace(epochs=1, init_weights=str(path)), "mit_b1", config.data)

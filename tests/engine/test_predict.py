@@ -29,17 +29,17 @@ def frames(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """An untrained mit_b0 (its random head scores boxes near 0.5, so there are many) saved
+    """An untrained test_mit (its random head scores boxes near 0.5, so there are many) saved
     as the engine saves checkpoints."""
     from crossdet_ray.config import TrainConfig
     from crossdet_ray.engine.train import build_model, build_optimizer
     from crossdet_ray.engine.checkpoint import build_checkpoint
 
     config = TrainConfig(min_size=MIN_SIZE, max_size=MAX_SIZE)
-    model = build_model(config, "mit_b0", num_classes=2)
+    model = build_model(config, "test_mit", num_classes=2)
     optimizer, scheduler = build_optimizer(config, model)
     path = tmp_path_factory.mktemp("predict_checkpoint") / "best_map_model.pth"
-    torch.save(build_checkpoint(epoch=1, backbone="mit_b0", model=model, optimizer=optimizer,
+    torch.save(build_checkpoint(epoch=1, backbone="test_mit", model=model, optimizer=optimizer,
                                 scheduler=scheduler, loss=1.0, best_loss=1.0, best_epoch=1,
                                 config=config.to_dict(), history={}, num_classes=2), path)
     return path
@@ -59,7 +59,7 @@ def predicted(frames, checkpoint, tmp_path_factory) -> Path:
 def _model(checkpoint: Path) -> torch.nn.Module:
     from crossdet_ray.models import build_detector
 
-    model = build_detector("mit_b0", num_classes=2, min_size=MIN_SIZE, max_size=MAX_SIZE)
+    model = build_detector("test_mit", num_classes=2, min_size=MIN_SIZE, max_size=MAX_SIZE)
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["model_state_dict"])
     return model.eval()
 

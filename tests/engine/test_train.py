@@ -46,10 +46,10 @@ def two_epoch_run(tmp_path_factory):
     data = tmp_path_factory.mktemp("engine_data")
     generate_dataset(data, 12, seed=0, sizes=[(64, 64)])
     config = TrainConfig(data=str(data), epochs=2, batch_size=2, num_workers=0,
-                         backbones=["mit_b0"], min_size=64, max_size=64, lr_step_size=1,
+                         backbones=["test_mit"], min_size=64, max_size=64, lr_step_size=1,
                          lr_gamma=0.5)
     recorder = Recorder()
-    summary = fit(config, "mit_b0", str(data), listener=recorder)
+    summary = fit(config, "test_mit", str(data), listener=recorder)
     return config, recorder, summary
 
 
@@ -80,7 +80,7 @@ def test_checkpoint_is_the_reference_dict_and_loads_weights_only(two_epoch_run, 
     path = tmp_path / "c.pth"
     torch.save(checkpoint, path)
     loaded = load_checkpoint(path)  # weights_only=True inside
-    assert loaded["epoch"] == 2 and loaded["backbone"] == "mit_b0"
+    assert loaded["epoch"] == 2 and loaded["backbone"] == "test_mit"
     assert loaded["config"]["lr"] == 0.005
 
 
@@ -88,7 +88,7 @@ def test_resumed_run_matches_uninterrupted_run(two_epoch_run):
     config, recorder, _ = two_epoch_run
     first_epoch_checkpoint = recorder.checkpoints[0]
     resumed = Recorder()
-    summary = fit(config, "mit_b0", config.data, listener=resumed,
+    summary = fit(config, "test_mit", config.data, listener=resumed,
                   resume_from=first_epoch_checkpoint)
     assert [m.epoch for m in resumed.epochs] == [2]
     assert resumed.epochs[0].avg_loss == pytest.approx(recorder.epochs[1].avg_loss, rel=1e-5)
@@ -102,7 +102,7 @@ def test_resumed_run_matches_uninterrupted_run(two_epoch_run):
 
 def test_resume_checkpoint_of_other_backbone_is_refused(two_epoch_run):
     config, recorder, _ = two_epoch_run
-    with pytest.raises(ValueError, match="mit_b0, not mit_b1"):
+    with pytest.raises(ValueError, match="test_mit, not mit_b1"):
         fit(config, "mit_b1", config.data, resume_from=recorder.checkpoints[0])
 
 
@@ -120,7 +120,7 @@ def test_non_finite_loss_names_epoch_and_batch(tiny_train_config, monkeypatch):
     monkeypatch.setattr(train_module, "build_model", lambda *a, **k: Diverged())
     monkeypatch.setattr(train_module, "count_parameters", lambda m: 1)
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, batch 1"):
-        fit(tiny_train_config, "mit_b0", tiny_train_config.data)
+        fit(tiny_train_config, "test_mit", tiny_train_config.data)
 
 
 @pytest.mark.cpu_only  # the fallback cannot happen where CUDA sees a GPU
@@ -152,7 +152,7 @@ def _rows(path):
 
 def test_seed_layout_written_by_log_writer(two_epoch_run, tmp_path):
     config, recorder, summary = two_epoch_run
-    writer = SeedLogWriter(RunStorage.from_uri(str(tmp_path)), "mit_b0", config.to_dict(),
+    writer = SeedLogWriter(RunStorage.from_uri(str(tmp_path)), "test_mit", config.to_dict(),
                            keep_checkpoints=1)
     writer.on_train_start({**recorder.info, "start_epoch": 1})
     for batch in recorder.batches:
@@ -165,9 +165,9 @@ def test_seed_layout_written_by_log_writer(two_epoch_run, tmp_path):
     epoch2 = f"epoch_002_loss_{recorder.epochs[1].avg_loss:.4f}.pth"
     # keep_checkpoints=1: only the newest epoch file, plus the two bests and final.
     assert checkpoints == sorted([epoch2, "best_model.pth", "best_map_model.pth",
-                                  "mit_b0_final.pth", "mit_b0_final_complete.pth"])
+                                  "test_mit_final.pth", "test_mit_final_complete.pth"])
     assert not list(tmp_path.rglob("*.tmp-*"))
-    final = torch.load(tmp_path / "checkpoints" / "mit_b0_final.pth", weights_only=True)
+    final = torch.load(tmp_path / "checkpoints" / "test_mit_final.pth", weights_only=True)
     assert "backbone.encoder.patch_embed1.proj.weight" in final
     fields, epoch_rows = _rows(tmp_path / "logs" / "epoch_metrics.csv")
     assert fields[: len(SEED_EPOCH_COLUMNS)] == SEED_EPOCH_COLUMNS
@@ -177,13 +177,13 @@ def test_seed_layout_written_by_log_writer(two_epoch_run, tmp_path):
     assert fields[: len(SEED_BATCH_COLUMNS)] == SEED_BATCH_COLUMNS
     assert len(batch_rows) == len(recorder.batches)
     info = json.loads((tmp_path / "logs" / "training_info.json").read_text())
-    assert info["status"] == "completed" and info["backbone"] == "mit_b0"
+    assert info["status"] == "completed" and info["backbone"] == "test_mit"
     assert info["model_parameters"] == summary.num_parameters
     assert len(info["epoch_losses"]) == 2 and len(info["epoch_times"]) == 2
-    assert info["final_model_path"].endswith("mit_b0_final.pth")
+    assert info["final_model_path"].endswith("test_mit_final.pth")
 
     # A resumed attempt from epoch 1 drops the rows and files the dead attempt wrote after it.
-    again = SeedLogWriter(RunStorage.from_uri(str(tmp_path)), "mit_b0", config.to_dict())
+    again = SeedLogWriter(RunStorage.from_uri(str(tmp_path)), "test_mit", config.to_dict())
     again.on_train_start({**recorder.info, "start_epoch": 2})
     _, epoch_rows = _rows(tmp_path / "logs" / "epoch_metrics.csv")
     assert [r["epoch"] for r in epoch_rows] == ["1"]

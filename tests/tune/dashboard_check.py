@@ -3,7 +3,7 @@ that the trials are there: their actors, and each one's node and resources.
 
     PYTHONPATH=. .venv/bin/python -m tests.tune.dashboard_check [--screenshot docs/dashboard_actors.png]
 
-It starts the command (one small mit_b0 trial, a few epochs, dashboard on), reads the
+It starts the command (one small test_mit trial, a few epochs, dashboard on), reads the
 dashboard URL from its log, and drives headless Chromium through the DevTools protocol over a
 pipe (`--remote-debugging-pipe`: no extra package, no port). With a fresh browser profile the
 Actors page must show Ray's "Authentication Token Required" dialog and no trial; after the
@@ -287,7 +287,7 @@ def check_dashboard(url: str, trial: str, run_dir: Path, screenshot: Path | None
 
 # -- the run ---------------------------------------------------------------------------------
 def run_args(data: str, log_dir: Path, epochs: int) -> list[str]:
-    return ["--data", data, "--backbones", "mit_b0", "--epochs", str(epochs),
+    return ["--data", data, "--backbones", "test_mit", "--epochs", str(epochs),
             "--synthetic-images", "8", "--min-size", "64", "--max-size", "96",
             "--num-workers", "0", "--no-evaluate", "--gpus-per-trial", "0",
             "--cpus-per-trial", "1", "--log-dir", str(log_dir), "--name", "dash",
@@ -314,12 +314,12 @@ def check(data: str, work: Path, screenshot: Path | None, epochs: int = 30) -> d
         if not poll_until(dashboard_logged, timeout=180, process=command.process):
             raise DashboardCheckError("the command logged no dashboard URL:\n"
                                       + command.stderr[-3000:])
-        info = log_dir / "dash" / "mit_b0" / "logs" / "training_info.json"
+        info = log_dir / "dash" / "test_mit" / "logs" / "training_info.json"
         if not poll_until(lambda: json.loads(info.read_text()).get("train_started_at"),
                           timeout=180, process=command.process):
             raise DashboardCheckError("the trial did not start training:\n"
                                       + command.stderr[-3000:])
-        return check_dashboard(found["url"], "mit_b0", log_dir / "dash", screenshot, browser,
+        return check_dashboard(found["url"], "test_mit", log_dir / "dash", screenshot, browser,
                                work)
     finally:
         command.kill()

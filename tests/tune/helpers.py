@@ -114,8 +114,8 @@ def ray_env() -> dict[str, str]:
 
 def small_run(tiny_dataset: str, log_dir: Path, name: str, epochs: int, *extra: str
               ) -> tuple[str, ...]:
-    """One mit_b0 trial at 64 px on one CPU, quiet: a few seconds per epoch here."""
-    return ("--data", tiny_dataset, "--backbones", "mit_b0", "--min-size", "64",
+    """One test_mit trial at 64 px on one CPU, quiet: a few seconds per epoch here."""
+    return ("--data", tiny_dataset, "--backbones", "test_mit", "--min-size", "64",
             "--max-size", "64", "--num-workers", "0", "--log-dir", str(log_dir), "--name", name,
             "--no-dashboard", "--no-evaluate", "--verbose", "0", "--gpus-per-trial", "0",
             "--cpus-per-trial", "1",

@@ -26,7 +26,7 @@ def test_auto_plans_for_launchable_gpu_nodes_and_the_trial_runs_on_one(
     finally:
         ray.shutdown()
 
-    command = run(("--address", cluster.address, "--autoscaling", "--backbones", "mit_b0",
+    command = run(("--address", cluster.address, "--autoscaling", "--backbones", "test_mit",
                    "--epochs", "1", "--data", tiny_dataset, "--min-size", "64",
                    "--max-size", "64", "--num-workers", "0", "--log-dir", str(tmp_path / "logs"),
                    "--name", "autoscaled", "--verbose", "0"),
@@ -38,13 +38,13 @@ def test_auto_plans_for_launchable_gpu_nodes_and_the_trial_runs_on_one(
     # Planned for the launchable gpu_small nodes (1 CPU, 1 GPU of 24 GB, up to 2), not the head.
     assert run_config["cluster"]["total_gpus"] == GPU_TYPE_MAX_WORKERS
     assert run_config["cluster"]["gpu_memory_gb"] == 24
-    share = run_config["resources"]["mit_b0"]
+    share = run_config["resources"]["test_mit"]
     assert 0 < share["gpu"] <= 1 and share["cpu"] <= 1 and share["workers"] == 1
     # The planner's plan is for those nodes too, and says so.
     assert run_config["plan"]["cluster"]["gpus"] == GPU_TYPE_MAX_WORKERS
     assert [t["gpus"] for t in run_config["plan"]["trials"]] == [share["gpu"]]
 
-    trial_dir = run_dir / "mit_b0"
+    trial_dir = run_dir / "test_mit"
     assert_epochs_once(trial_dir, 1)
     info = training_info(trial_dir)
     assert info["resources"] == share
@@ -64,7 +64,7 @@ def test_auto_without_gpus_or_known_node_types_is_refused(tiny_dataset, tmp_path
     """A local Ray has no autoscaler config to read and no GPU: `auto` would train on the CPU
     of a cluster that may be able to launch GPU nodes, so the command stops and says why."""
     env = {**ray_env(), "HOME": str(tmp_path)}  # no ~/ray_bootstrap_config.yaml to be found
-    command = run(("--autoscaling", "--backbones", "mit_b0", "--epochs", "1", "--data",
+    command = run(("--autoscaling", "--backbones", "test_mit", "--epochs", "1", "--data",
                    tiny_dataset, "--log-dir", str(tmp_path / "logs"), "--no-dashboard", "--no-evaluate",
                    "--verbose", "0"), tmp_path, "refused", timeout=300, env=env)
     assert command.process.returncode == 2, command.stderr[-3000:]

@@ -1,4 +1,6 @@
-"""The command as users run it: a subprocess, its exit code, its stderr."""
+"""The command as users run it: its exit code, its stderr. User mistakes are caught before any
+Ray starts, so those tests call `cli.main` in this process; a run that trains, or is
+interrupted, is a real subprocess."""
 
 from __future__ import annotations
 
@@ -22,9 +24,21 @@ def _run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
 
 
 def _small(tiny_dataset, log_dir, *extra):
-    return ("--data", tiny_dataset, "--backbones", "mit_b0", "--min-size", "64",
+    return ("--data", tiny_dataset, "--backbones", "test_mit", "--min-size", "64",
             "--max-size", "64", "--num-workers", "0", "--log-dir", str(log_dir),
             "--no-dashboard", "--no-evaluate", "--verbose", "0", *extra)
+
+
+def _main(capsys, *args: str) -> subprocess.CompletedProcess:
+    """cli.main in this process, as the script would run it: its exit code and output."""
+    from crossdet_ray import cli
+
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exit_info:  # argparse's own errors
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 def _assert_one_clear_error(result, *fragments):
@@ -35,19 +49,19 @@ def _assert_one_clear_error(result, *fragments):
         assert fragment in result.stderr, result.stderr[-2000:]
 
 
-def test_bad_data_stops_with_the_file_named(tmp_path):
+def test_bad_data_stops_with_the_file_named(tmp_path, capsys):
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
     (data / "labels").mkdir()
     np.save(data / "images" / "f1.npy", np.zeros((32, 32, 5), np.uint8))
     (data / "labels" / "f1.txt").write_text("0 0.5 0.5 0.2 0.2\nzero 0.5 0.5\n")
-    result = _run(*_small(str(data), tmp_path / "logs"), timeout=120)
+    result = _main(capsys, *_small(str(data), tmp_path / "logs"))
     _assert_one_clear_error(result, "f1.txt")
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
 
 
-def test_missing_data_folder(tmp_path):
-    result = _run(*_small(str(tmp_path / "nowhere"), tmp_path / "logs"), timeout=120)
+def test_missing_data_folder(tmp_path, capsys):
+    result = _main(capsys, *_small(str(tmp_path / "nowhere"), tmp_path / "logs"))
     _assert_one_clear_error(result, "nowhere")
 
 
@@ -58,8 +72,8 @@ def test_missing_data_folder(tmp_path):
     (("--workers-per-trial", "2", "--batch-size", "3", "--gpus-per-trial", "0"),
      "--batch-size 3 is not divisible by --workers-per-trial 2"),
 ])
-def test_bad_flag_values(tiny_dataset, tmp_path, flags, fragment):
-    result = _run(*_small(tiny_dataset, tmp_path / "logs"), *flags, timeout=120)
+def test_bad_flag_values(tiny_dataset, tmp_path, capsys, flags, fragment):
+    result = _main(capsys, *_small(tiny_dataset, tmp_path / "logs"), *flags)
     _assert_one_clear_error(result, fragment)
 
 
@@ -78,7 +92,7 @@ def test_resume_after_sigint_trains_no_epoch_twice(tiny_dataset, tmp_path):
     args = tuple(a for a in args if a != "--no-dashboard")  # this run shows its dashboard
     process = subprocess.Popen(_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, cwd=ROOT, env=ray_env())
-    trial = run_dir / "mit_b0"
+    trial = run_dir / "test_mit"
     # The trigger is the log row itself: a row promises its epoch is safe.
     if not poll_until(lambda: len(epoch_rows(trial)) >= 1, timeout=240, interval=0.05,
                       process=process):
@@ -106,14 +120,14 @@ def test_resume_after_sigint_trains_no_epoch_twice(tiny_dataset, tmp_path):
 
 
 def _segformer_file(path: Path) -> dict:
-    """A SegFormer-style mit_b0 file (one stream's names), with recognisable random values."""
+    """A SegFormer-style test_mit file (one stream's names), with recognisable random values."""
     import torch
 
     from crossdet_ray.models.encoder import get_encoder
 
     generator = torch.Generator().manual_seed(7)
     weights = {name: torch.randn(tensor.shape, generator=generator) * 0.02
-               for name, tensor in get_encoder("mit_b0").state_dict().items()
+               for name, tensor in get_encoder("test_mit").state_dict().items()
                if not name.startswith(("extra_", "FRMs.", "FFMs."))}
     torch.save(weights, path)
     return weights
@@ -123,21 +137,21 @@ def test_flags_reach_the_trial(tiny_dataset, tmp_path):
     """--pretrained, --num-workers > 0 and --cpus-per-trial, as the trial actually used them."""
     import torch
 
-    weights = _segformer_file(tmp_path / "mit_b0.pth")
+    weights = _segformer_file(tmp_path / "segformer_test_mit.pth")
     # lr 1e-12: one epoch leaves every weight where --pretrained put it (to float rounding).
     result = _run(*_small(tiny_dataset, tmp_path / "logs", "--name", "flags", "--epochs", "1",
                           "--gpus-per-trial", "0", "--cpus-per-trial", "1", "--lr", "1e-12",
-                          "--pretrained", str(tmp_path / "mit_b0.pth")),
+                          "--pretrained", str(tmp_path / "segformer_test_mit.pth")),
                   "--num-workers", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Ray dashboard:" not in result.stderr  # --no-dashboard
-    trial = tmp_path / "logs" / "flags" / "mit_b0"
+    trial = tmp_path / "logs" / "flags" / "test_mit"
     info = training_info(trial)
     assert info["status"] == "completed"
     assert info["torch_threads"] == 1 and info["resources"]["cpu"] == 1
     assert info["host_memory_retained"] is True  # engine/host_memory: glibc on Linux
     assert info["config"]["num_workers"] == 2 and len(epoch_rows(trial)) == 1
-    final = torch.load(trial / "checkpoints" / "mit_b0_final.pth", weights_only=True)
+    final = torch.load(trial / "checkpoints" / "test_mit_final.pth", weights_only=True)
     for name in ("block1.0.attn.q.weight", "patch_embed4.proj.weight"):
         for stream in ("", "extra_"):
             torch.testing.assert_close(final[f"backbone.encoder.{stream}{name}"], weights[name],
@@ -156,19 +170,20 @@ def test_a_failed_trial_exits_1_with_the_summary_written(tiny_dataset, tmp_path)
     assert "NonFiniteLossError" in summary["results"][0]["error"]
 
 
-def test_user_mistakes_about_the_run_directory_exit_2(tiny_dataset, tmp_path):
+def test_user_mistakes_about_the_run_directory_exit_2(tiny_dataset, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    _assert_one_clear_error(_run(*_small(tiny_dataset, blocker / "logs")), "--log-dir")
+    _assert_one_clear_error(_main(capsys, *_small(tiny_dataset, blocker / "logs")), "--log-dir")
 
     taken = tmp_path / "logs" / "taken"
     taken.mkdir(parents=True)
     (taken / "run_config.json").write_text("{}")
-    _assert_one_clear_error(_run(*_small(tiny_dataset, tmp_path / "logs", "--name", "taken")),
-                            "already holds a run", "--resume")
+    _assert_one_clear_error(
+        _main(capsys, *_small(tiny_dataset, tmp_path / "logs", "--name", "taken")),
+        "already holds a run", "--resume")
 
-    _assert_one_clear_error(_run("--resume", str(tmp_path / "no_such_run"), "--no-dashboard",
-                                 "--no-evaluate"),
+    _assert_one_clear_error(_main(capsys, "--resume", str(tmp_path / "no_such_run"),
+                                  "--no-dashboard", "--no-evaluate"),
                             "--resume", "no_such_run")
 
 
@@ -201,12 +216,14 @@ def test_help_explains_every_flag_once_under_the_name_it_was_started_by():
     (("--workers-per-trial", "two"), "--workers-per-trial"),
     (("--plan-only", "--plan-for", "eightx80"), "--plan-for"),
 ])
-def test_flag_values_are_refused_before_any_data_is_generated(tmp_path, flags, fragment):
+def test_flag_values_are_refused_before_any_data_is_generated(tmp_path, monkeypatch, capsys,
+                                                             flags, fragment):
     cache = tmp_path / "home"
-    env = {**ray_env(), "HOME": str(cache), "XDG_CACHE_HOME": str(cache / ".cache")}
-    result = subprocess.run(_command("--synthetic-images", "8", "--synthetic-frame-size", "64",
-                                     "--log-dir", str(tmp_path / "logs"), *flags),
-                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    monkeypatch.setenv("HOME", str(cache))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache / ".cache"))
+    monkeypatch.delenv("CROSSDET_CACHE", raising=False)
+    result = _main(capsys, "--synthetic-images", "8", "--synthetic-frame-size", "64",
+                   "--log-dir", str(tmp_path / "logs"), *flags)
     _assert_one_clear_error(result, fragment)
     assert "generating" not in result.stderr
     assert not any(cache.rglob("*.npy")), "the synthetic dataset was generated first"

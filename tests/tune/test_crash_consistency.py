@@ -35,7 +35,7 @@ from .helpers import (
 
 pytestmark = pytest.mark.ray
 
-TRIAL = "mit_b0"
+TRIAL = "test_mit"
 
 
 def _epoch_files(trial_dir) -> list:
@@ -81,7 +81,7 @@ def test_a_killed_driver_resumes_right_after_its_last_logged_epoch(tiny_dataset,
 
 # -- a full disk --------------------------------------------------------------------------------
 def _checkpoint_bytes(tiny_dataset: str) -> int:
-    """The size of one mit_b0 epoch checkpoint as the trial writes it: the model, SGD's
+    """The size of one test_mit epoch checkpoint as the trial writes it: the model, SGD's
     momentum buffers (made by a step) and the scheduler, for the dataset's classes."""
     from crossdet_ray.config import TrainConfig
     from crossdet_ray.data import check_dataset

@@ -1,6 +1,6 @@
 """A data-parallel trial through the command, as a user runs it: 2 gloo workers on the CPU.
 
-    all_backbones.py --backbones mit_b0 --gpus-per-trial 0 --workers-per-trial 2 --batch-size 4
+    all_backbones.py --backbones test_mit --gpus-per-trial 0 --workers-per-trial 2 --batch-size 4
 
 Two runs, each checked for what every 2-worker trial must leave (one set of seed files, written
 by rank 0 only; two placements; weights in the reference layout):
@@ -40,7 +40,7 @@ from .helpers import (
 
 pytestmark = pytest.mark.ray
 
-TRIAL = "mit_b0"
+TRIAL = "test_mit"
 EPOCHS = 2
 WORKERS = 2
 GLOBAL_BATCH = 4

@@ -1,6 +1,6 @@
 """After a run: `--init-from` fine-tunes from it, `--mlflow` logs every trial to MLflow.
 
-One command serves both (a module fixture): an LR grid of two mit_b0 trials, both started
+One command serves both (a module fixture): an LR grid of two test_mit trials, both started
 from the best_map_model.pth of a source run the engine trained on the easy set, logged to
 MLflow's default SQLite database in the run. The source is trained without Ray (the same
 files in the same layout) to keep the module to one Ray start.
@@ -23,7 +23,7 @@ FRAMES, FRAME_SIZE, MAX_OBJECTS, OBJECT_SCALE = 30, (96, 144), 2, (0.35, 0.55)
 MIN_SIZE, MAX_SIZE, LR = 64, 96, 0.01
 SOURCE_EPOCHS, EPOCHS = 2, 2
 LR_GRID = ("1", "0.5")
-TRIALS = ("mit_b0_lr0.01", "mit_b0_lr0.005")
+TRIALS = ("test_mit_lr0.01", "test_mit_lr0.005")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def easy_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def source_run(easy_dataset, tmp_path_factory) -> Path:
-    """A finished mit_b0 of SOURCE_EPOCHS epochs in the run layout, trained by the engine."""
+    """A finished test_mit of SOURCE_EPOCHS epochs in the run layout, trained by the engine."""
     from crossdet_ray.config import TrainConfig
     from crossdet_ray.engine.run_logs import SeedLogWriter
     from crossdet_ray.engine.storage import RunStorage
@@ -45,17 +45,17 @@ def source_run(easy_dataset, tmp_path_factory) -> Path:
 
     run_dir = tmp_path_factory.mktemp("source_run")
     config = TrainConfig(data=str(easy_dataset), epochs=SOURCE_EPOCHS, lr=LR, num_workers=0,
-                         backbones=["mit_b0"], min_size=MIN_SIZE, max_size=MAX_SIZE)
-    writer = SeedLogWriter(RunStorage.from_uri(str(run_dir / "mit_b0")), "mit_b0",
+                         backbones=["test_mit"], min_size=MIN_SIZE, max_size=MAX_SIZE)
+    writer = SeedLogWriter(RunStorage.from_uri(str(run_dir / "test_mit")), "test_mit",
                            config.to_dict())
-    fit(config, "mit_b0", str(easy_dataset), listener=writer)
+    fit(config, "test_mit", str(easy_dataset), listener=writer)
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def fine_tuned(easy_dataset, source_run, tmp_path_factory) -> Path:
     log_dir = tmp_path_factory.mktemp("follow_up_logs")
-    args = ["--data", str(easy_dataset), "--backbones", "mit_b0",
+    args = ["--data", str(easy_dataset), "--backbones", "test_mit",
             "--min-size", str(MIN_SIZE), "--max-size", str(MAX_SIZE), "--num-workers", "0",
             "--epochs", str(EPOCHS), "--lr", str(LR), "--lr-grid", *LR_GRID,
             "--init-from", str(source_run), "--mlflow",
@@ -70,7 +70,7 @@ def test_init_from_starts_at_the_trained_models_loss(source_run, fine_tuned):
     """Epoch 1 of a fine-tuning run trains the source's weights: its loss is near the
     source's last epoch, far below what a fresh model's first epoch costs (the source's own
     epoch 1: the same data, seed and lr from fresh weights)."""
-    source = [float(r["avg_loss"]) for r in epoch_rows(source_run / "mit_b0")]
+    source = [float(r["avg_loss"]) for r in epoch_rows(source_run / "test_mit")]
     fresh_first, trained_last = source[0], source[-1]
     assert trained_last < 0.7 * fresh_first, f"the source did not learn: {source}"
     for trial in TRIALS:
@@ -80,11 +80,11 @@ def test_init_from_starts_at_the_trained_models_loss(source_run, fine_tuned):
 
 
 def test_init_from_is_recorded(source_run, fine_tuned):
-    source_file = source_run / "mit_b0" / "checkpoints" / "best_map_model.pth"
-    source_info = training_info(source_run / "mit_b0")
+    source_file = source_run / "test_mit" / "checkpoints" / "best_map_model.pth"
+    source_info = training_info(source_run / "test_mit")
     saved = json.loads((fine_tuned / "run_config.json").read_text())
     assert saved["init_from"] == str(source_run)
-    recorded = saved["init_weights"]["mit_b0"]
+    recorded = saved["init_weights"]["test_mit"]
     assert recorded["path"] == str(source_file.resolve())
     assert recorded["best_map_epoch"] == source_info["best_map_epoch"]
     for trial in TRIALS:
@@ -108,7 +108,7 @@ def test_mlflow_holds_one_run_per_trial_with_map50_per_epoch(source_run, fine_tu
         assert mlflow_run.data.tags["run_dir"] == str(fine_tuned)
         assert mlflow_run.info.status == "FINISHED"
         params = mlflow_run.data.params
-        assert params["trial/backbone"] == "mit_b0" and params["trial/name"] == trial
+        assert params["trial/backbone"] == "test_mit" and params["trial/name"] == trial
         assert float(params["trial/lr"]) == training_info(fine_tuned / trial)["lr"]
         assert params["train/epochs"] == str(EPOCHS)
         assert params["flags/lr_grid"] == str([float(m) for m in LR_GRID])
@@ -141,9 +141,9 @@ def _assert_one_line_exit_2(result, *fragments):
 
 def test_init_from_a_run_without_the_backbone(tiny_dataset, tmp_path):
     source = tmp_path / "source"
-    (source / "mit_b0" / "checkpoints").mkdir(parents=True)
-    (source / "mit_b0" / "checkpoints" / "best_map_model.pth").write_bytes(b"x")
-    result = _run_fast("--data", tiny_dataset, "--backbones", "mit_b0", "mit_b1",
+    (source / "test_mit" / "checkpoints").mkdir(parents=True)
+    (source / "test_mit" / "checkpoints" / "best_map_model.pth").write_bytes(b"x")
+    result = _run_fast("--data", tiny_dataset, "--backbones", "test_mit", "mit_b1",
                        "--init-from", str(source), "--log-dir", str(tmp_path / "logs"),
                        "--no-dashboard", "--no-evaluate")
     _assert_one_line_exit_2(result, "--init-from", "mit_b1", "best_map_model.pth")
@@ -168,15 +168,15 @@ def test_mlflow_missing_is_one_clear_line(tiny_dataset, tmp_path):
 def test_grid_source_gives_each_backbone_its_best_trial(tmp_path):
     from crossdet_ray.tune.follow_up import resolve_init_weights
 
-    trials = [{"name": "mit_b0_lr0.01", "backbone": "mit_b0", "lr": 0.01},
-              {"name": "mit_b0_lr0.1", "backbone": "mit_b0", "lr": 0.1}]
+    trials = [{"name": "test_mit_lr0.01", "backbone": "test_mit", "lr": 0.01},
+              {"name": "test_mit_lr0.1", "backbone": "test_mit", "lr": 0.1}]
     (tmp_path / "run_config.json").write_text(json.dumps({"trials": trials}))
-    for trial, best_map in (("mit_b0_lr0.01", 0.4), ("mit_b0_lr0.1", 0.2)):
+    for trial, best_map in (("test_mit_lr0.01", 0.4), ("test_mit_lr0.1", 0.2)):
         (tmp_path / trial / "checkpoints").mkdir(parents=True)
         (tmp_path / trial / "checkpoints" / "best_map_model.pth").write_bytes(b"x")
         (tmp_path / trial / "logs").mkdir()
         (tmp_path / trial / "logs" / "training_info.json").write_text(
             json.dumps({"best_map": best_map, "best_map_epoch": 3}))
-    chosen = resolve_init_weights(str(tmp_path), ["mit_b0"])
-    assert chosen["mit_b0"]["trial"] == "mit_b0_lr0.01"
-    assert chosen["mit_b0"]["path"].endswith("mit_b0_lr0.01/checkpoints/best_map_model.pth")
+    chosen = resolve_init_weights(str(tmp_path), ["test_mit"])
+    assert chosen["test_mit"]["trial"] == "test_mit_lr0.01"
+    assert chosen["test_mit"]["path"].endswith("test_mit_lr0.01/checkpoints/best_map_model.pth")

@@ -35,7 +35,7 @@ def three_nodes(private_ray_tmpdir):
 
 def _config(tiny_dataset, log_dir, name, epochs):
     train = TrainConfig(data=tiny_dataset, epochs=epochs, batch_size=2, num_workers=0,
-                        backbones=["mit_b0"], min_size=64, max_size=64, log_dir=str(log_dir))
+                        backbones=["test_mit"], min_size=64, max_size=64, log_dir=str(log_dir))
     # One trial per worker node at a time: each wants the node's whole GPU.
     return LaunchConfig(train=train, name=name, verbose=0, cpus_per_trial=1,
                         gpus_per_trial="1", lr_grid=[0.5, 1.0], max_failures=3)
@@ -45,7 +45,7 @@ def test_trials_spread_and_survive_a_lost_node(three_nodes, tiny_dataset, tmp_pa
     cluster, workers = three_nodes
     worker_ids = {w.node_id for w in workers}
     run_dir = tmp_path / "multinode"
-    names = ["mit_b0_lr0.0025", "mit_b0_lr0.005"]
+    names = ["test_mit_lr0.0025", "test_mit_lr0.005"]
     removed = {}
 
     def remove_a_node_once_both_logged_an_epoch():

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _command(tiny_dataset: str, log_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "experiments" / "all_backbones.py"), "--data",
-            tiny_dataset, "--backbones", "mit_b0", "--min-size", "64", "--max-size", "64",
+            tiny_dataset, "--backbones", "test_mit", "--min-size", "64", "--max-size", "64",
             "--num-workers", "0", "--max-failures", "0", "--log-dir", str(log_dir), "--name", "r",
             "--no-dashboard", "--no-evaluate", *extra]
 
@@ -64,9 +64,9 @@ def test_a_trial_killed_by_rays_memory_monitor_is_out_of_memory(tiny_dataset, tm
     row = _summary_row(run_dir)
     assert (row["status"], row["failure_kind"]) == ("failed", "out_of_memory")
     assert row["failure_reason"] == "out of memory (Ray's memory monitor killed the trial)"
-    assert ("FAILED mit_b0: out of memory (Ray's memory monitor killed the trial) \u2014 try "
+    assert ("FAILED test_mit: out of memory (Ray's memory monitor killed the trial) \u2014 try "
             "--batch-size 1, ") in result.stdout
-    trial = run_dir / "mit_b0"
+    trial = run_dir / "test_mit"
     assert "killed due to the node running low on memory" in (
         trial / "logs" / "error.txt").read_text()
     info = training_info(trial)
@@ -81,7 +81,7 @@ def test_a_trial_killed_in_its_second_epoch_is_failed_and_summarised(tiny_datase
     process = subprocess.Popen(_command(tiny_dataset, tmp_path / "logs", "--epochs", "3"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                cwd=ROOT, env=ray_env())
-    trial = tmp_path / "logs" / "r" / "mit_b0"
+    trial = tmp_path / "logs" / "r" / "test_mit"
 
     def epoch_1_logged() -> bool:
         return training_info(trial).get("epochs_completed") == 1
@@ -94,7 +94,7 @@ def test_a_trial_killed_in_its_second_epoch_is_failed_and_summarised(tiny_datase
     assert process.returncode == 1, stderr[-3000:]
     row = _summary_row(tmp_path / "logs" / "r")
     assert (row["status"], row["failure_kind"], row["epochs_completed"]) == ("failed", "killed", 1)
-    assert "FAILED mit_b0: the trial's process died abruptly" in stdout
+    assert "FAILED test_mit: the trial's process died abruptly" in stdout
     assert "The actor died unexpectedly" in (trial / "logs" / "error.txt").read_text()
     info = training_info(trial)
     assert (info["status"], info["failure_kind"]) == ("failed", "killed")

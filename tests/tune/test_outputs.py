@@ -1,6 +1,6 @@
 """What a finished run writes, read back: every file against the others and against figures
-worked out here, not only that the files exist. One real run of the command (two backbones,
-two epochs) is shared by the module."""
+worked out here, not only that the files exist. One real run of the command (the test
+backbone at two learning rates, two epochs) is shared by the module."""
 
 from __future__ import annotations
 
@@ -24,9 +24,12 @@ pytestmark = pytest.mark.ray
 
 SEED_EPOCH_COLUMNS = ["epoch", "avg_loss", "total_loss", "epoch_time_sec", "learning_rate",
                       "is_best", "checkpoint_path", "timestamp"]
-BACKBONES = ["mit_b0", "mit_b1"]
+BACKBONE = "test_mit"
 EPOCHS = 2
 LR, LR_STEP, LR_GAMMA = 0.004, 1, 0.5
+GRID = (1.0, 0.5)  # --lr-grid: two trials of the one backbone
+TRIAL_LRS = {f"{BACKBONE}_lr{LR * m:g}": LR * m for m in GRID}
+TRIALS = sorted(TRIAL_LRS)
 # Every epoch_metrics.csv column that Tune also receives as a number (the trial reporter
 # drops the timestamp, and the checkpoint path is not a metric).
 REPORTED_COLUMNS = [c for c in EPOCH_COLUMNS if c not in ("timestamp", "checkpoint_path")]
@@ -35,23 +38,27 @@ REPORTED_COLUMNS = [c for c in EPOCH_COLUMNS if c not in ("timestamp", "checkpoi
 def _argv(data: str, log_dir: Path) -> list[str]:
     # Flags away from their defaults wherever the run allows, so that the round trip through
     # run_config.json cannot pass by defaults alone.
-    return ["--data", data, "--backbones", *BACKBONES, "--epochs", str(EPOCHS),
+    return ["--data", data, "--backbones", BACKBONE, "--epochs", str(EPOCHS),
             "--lr", str(LR), "--lr-step-size", str(LR_STEP), "--lr-gamma", str(LR_GAMMA),
             "--batch-size", "2", "--num-workers", "0", "--min-size", "64", "--max-size", "64",
             "--seed", "3", "--amp", "off", "--channels-last", "off",
             "--log-dir", str(log_dir), "--name", "outputs", "--gpus-per-trial", "0",
             "--cpus-per-trial", "1", "--keep-checkpoints", "1", "--max-failures", "1",
-            "--synthetic-images", "8", "--no-dashboard", "--verbose", "0"]
+            "--synthetic-images", "8", "--no-dashboard", "--verbose", "0",
+            "--lr-grid", *map(str, GRID)]
 
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_dataset, tmp_path_factory):
-    """(argv, run directory) of a finished run; its ~1 GB of checkpoints go with the module."""
+    """(argv, run directory) of a finished run, which trained: each trial's loss moved."""
     folder = tmp_path_factory.mktemp("outputs")
     argv = _argv(tiny_dataset, folder / "logs")
     try:
         result = run(argv, folder, "command", timeout=540)
         assert result.process.returncode == 0, result.stderr[-3000:]
+        for trial in TRIALS:
+            losses = [float(r["avg_loss"]) for r in epoch_rows(folder / "logs" / "outputs" / trial)]
+            assert len(losses) == EPOCHS and losses[0] != losses[1], (trial, losses)
         yield argv, folder / "logs" / "outputs"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -112,8 +119,9 @@ def test_run_directory_has_the_seed_layout_and_tune_state(finished_run):
     for name in ("run_config.json", "final_summary.json", "summary.csv", "summary.parquet",
                  "training_curves.png"):
         assert (run_dir / name).is_file(), name
-    for backbone in BACKBONES:
-        trial = run_dir / backbone
+    backbone = BACKBONE
+    for name in TRIALS:
+        trial = run_dir / name
         files = sorted(p.name for p in (trial / "checkpoints").iterdir())
         # --keep-checkpoints 1: the last epoch file, plus best and final.
         epoch_files = [f for f in files if f.startswith("epoch_")]
@@ -141,28 +149,28 @@ def test_run_directory_has_the_seed_layout_and_tune_state(finished_run):
         assert sum(p.numel() for p in model.parameters()) == info["model_parameters"]
     # Tune's own tools read the same directory.
     results = tune.ExperimentAnalysis(str(run_dir))
-    assert sorted(t.config["trial"]["name"] for t in results.trials) == BACKBONES
+    assert sorted(t.config["trial"]["name"] for t in results.trials) == TRIALS
 
 
 def test_epoch_rows_follow_the_schedule_and_mark_the_best(finished_run):
     _, run_dir = finished_run
-    for backbone in BACKBONES:
-        rows = epoch_rows(run_dir / backbone)
+    for trial, lr in TRIAL_LRS.items():
+        rows = epoch_rows(run_dir / trial)
         for row in rows:
             epoch = int(row["epoch"])
             # StepLR, worked out here: lr * gamma ** floor((epoch - 1) / step).
             assert float(row["learning_rate"]) == pytest.approx(
-                LR * LR_GAMMA ** ((epoch - 1) // LR_STEP), rel=1e-12)
+                lr * LR_GAMMA ** ((epoch - 1) // LR_STEP), rel=1e-12)
         losses = [float(r["avg_loss"]) for r in rows]
         running_best = [losses[i] < min(losses[:i], default=math.inf) for i in range(len(rows))]
         assert [r["is_best"] == "True" for r in rows] == running_best
-        info = training_info(run_dir / backbone)
+        info = training_info(run_dir / trial)
         assert info["epoch_losses"] == losses
 
 
 def test_tensorboard_holds_each_epoch_row(finished_run):
     _, run_dir = finished_run
-    for backbone in BACKBONES:
+    for backbone in TRIALS:
         rows = epoch_rows(run_dir / backbone)
         scalars = tensorboard_scalars(run_dir / backbone)
         losses = [float(r["avg_loss"]) for r in rows]
@@ -197,7 +205,7 @@ def test_summary_tables_agree_with_each_trials_files(finished_run):
     assert list(from_csv.columns) == list(from_parquet.columns) == list(SUMMARY_COLUMNS)
     assert _records(from_csv) == _records(from_parquet)
     summary = json.loads((run_dir / "final_summary.json").read_text())
-    assert summary["num_trials"] == summary["num_succeeded"] == len(BACKBONES)
+    assert summary["num_trials"] == summary["num_succeeded"] == len(TRIALS)
     evaluation_rows = json.loads((run_dir / "evaluation" / "results.json").read_text())["trials"]
 
     for row, from_json in zip(_records(from_parquet), summary["results"], strict=True):
@@ -207,7 +215,8 @@ def test_summary_tables_agree_with_each_trials_files(finished_run):
         losses = [float(r["avg_loss"]) for r in rows]
         best_epoch = losses.index(min(losses)) + 1
         best_row = rows[best_epoch - 1]
-        assert (row["backbone"], row["lr"], row["status"]) == (name, LR, "completed")
+        assert (row["backbone"], row["lr"], row["status"]) == (BACKBONE, TRIAL_LRS[name],
+                                                               "completed")
         assert row["status"] == info["status"]
         assert row["params"] == info["model_parameters"] > 0
         assert row["epochs_completed"] == info["epochs_completed"] == len(rows) == EPOCHS
@@ -246,10 +255,10 @@ def test_summary_tables_agree_with_each_trials_files(finished_run):
         assert {k: from_json[k] for k in SUMMARY_COLUMNS if k != "resources"} == {
             k: row[k] for k in SUMMARY_COLUMNS if k != "resources"}
         assert from_json["resources"] == info["resources"]
-    assert [r["trial"] for r in summary["results"]] == BACKBONES
+    assert sorted(r["trial"] for r in summary["results"]) == TRIALS
     # The ranking follows the figures taken alone, and the printed one says so.
     assert summary["rankings"]["inference_ms_per_image"] == sorted(
-        BACKBONES, key=lambda t: next(r["infer_ms_per_image"] for r in evaluation_rows
+        TRIALS, key=lambda t: next(r["infer_ms_per_image"] for r in evaluation_rows
                                       if r["trial"] == t))
     stdout = (run_dir.parent.parent / "command.out").read_text()
     assert ("Inference ranking (ms/image, fastest first; each trial timed alone by the "
@@ -283,8 +292,9 @@ def test_run_config_round_trips_to_the_flags(finished_run):
     assert restored.plan is not None and from_flags.plan is None
     restored.plan = None
     assert restored == from_flags
-    assert sorted(t["trial"] for t in saved["plan"]["trials"]) == BACKBONES
-    assert saved["trials"] == [{"name": b, "backbone": b, "lr": LR} for b in BACKBONES]
+    assert sorted(t["trial"] for t in saved["plan"]["trials"]) == TRIALS
+    assert sorted(saved["trials"], key=lambda t: t["name"]) == [
+        {"name": t, "backbone": BACKBONE, "lr": TRIAL_LRS[t]} for t in TRIALS]
 
 
 def test_resuming_a_finished_run_changes_nothing(finished_run):
@@ -305,9 +315,9 @@ def test_epoch_checkpoints_are_the_size_the_disk_estimate_counts(finished_run):
     from crossdet_ray.tune.disk import EPOCH_FILE_BYTES_PER_PARAMETER
 
     _, run_dir = finished_run
-    for backbone in BACKBONES:
-        parameters = sum(p.numel() for p in build_detector(backbone, num_classes=2).parameters())
-        (epoch_file, *_) = sorted((run_dir / backbone / "checkpoints").glob("epoch_*.pth"))
+    parameters = sum(p.numel() for p in build_detector(BACKBONE, num_classes=2).parameters())
+    for trial in TRIALS:
+        (epoch_file, *_) = sorted((run_dir / trial / "checkpoints").glob("epoch_*.pth"))
         assert epoch_file.stat().st_size == pytest.approx(
             EPOCH_FILE_BYTES_PER_PARAMETER * parameters, rel=0.02)
 
@@ -319,4 +329,4 @@ def test_the_run_ends_with_its_evaluation_report(finished_run):
     assert f"Evaluation report: {report}" in stdout.splitlines()[-2:]  # among the last lines
     assert report.is_file() and "data:image/png;base64," in report.read_text()
     results = pd.read_csv(run_dir / "evaluation" / "results.csv")
-    assert sorted(results["trial"]) == BACKBONES
+    assert sorted(results["trial"]) == TRIALS

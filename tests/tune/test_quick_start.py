@@ -1,12 +1,11 @@
-"""The README's quick start, run as written: it ends well, fits the disk it announced, and
-shows learning (mit_b0's test mAP50 clearly above 0).
+"""The README's quick start, run as written: all five real backbones side by side end well, and
+the run fits the disk it announced.
 
 The command is read from README.md's "Quick start" block, so the README and this test cannot
-drift apart; only --log-dir and --name are added (and the synthetic cache is the test's own).
-
-Expected runtime on the 2-core development machine: about 5 minutes when it has the machine to
-itself (all five backbones, 2 epochs each, then the end-of-run evaluation), more when shared.
-It writes about 6.3 GB (one epoch checkpoint per backbone), deleted when the test passes.
+drift apart. Flags that only shorten it are added (SHORTER: one epoch over 10 frames, no closing
+evaluation), with --log-dir and --name, and the synthetic cache is the test's own. What the two
+epochs of the real command learn is tests/engine/test_learning_real.py's promise (mit_b0 on the
+same set at the same settings); the closing evaluation and report are tests/tune/test_outputs.py's.
 """
 
 from __future__ import annotations
@@ -19,18 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from crossdet_ray.backbones import get_backbone
 from crossdet_ray.config import BACKBONES
+from crossdet_ray.tune.disk import EPOCH_FILE_BYTES_PER_PARAMETER
 
 from .helpers import ROOT, ray_env, run
 
 pytestmark = pytest.mark.ray
 
 SCRIPT = "experiments/all_backbones.py"
-# "Clearly non-zero": this is test_learning.py's easy set at its size and lr, where a detector
-# that cannot learn (lr 1e-7, model seeds 0-3) scores map50 0.015-0.12 with random boxes on the
-# large objects, and mit_b0 after 2 epochs scored 0.52-0.68 (seeds 0-3; the quick start's own
-# runs: 0.67).
-MIN_MIT_B0_MAP50 = 0.3
+SHORTER = ["--epochs", "1", "--synthetic-images", "10", "--no-evaluate"]
 ESTIMATE = re.compile(r"this run will write about (?:at most )?([\d.]+) GB")
 
 
@@ -73,9 +70,9 @@ def test_readme_says_what_the_preset_stands_for():
 
 
 @pytest.mark.timeout(1500)
-def test_readme_quick_start_learns_and_fits_its_disk(tmp_path):
+def test_readme_quick_start_trains_all_five_and_fits_its_disk(tmp_path):
     log_dir = tmp_path / "logs"
-    args = [*readme_quick_start(), "--log-dir", str(log_dir), "--name", "quick"]
+    args = [*readme_quick_start(), *SHORTER, "--log-dir", str(log_dir), "--name", "quick"]
     env = {**ray_env(), "CROSSDET_CACHE": str(tmp_path / "cache")}
     result = run(args, tmp_path, "quick_start", timeout=1400, env=env)
     output = result.stdout + result.stderr
@@ -84,14 +81,7 @@ def test_readme_quick_start_learns_and_fits_its_disk(tmp_path):
     run_dir = log_dir / "quick"
     summary = json.loads((run_dir / "final_summary.json").read_text())
     assert summary["num_succeeded"] == len(BACKBONES)
-
-    # Learning: mit_b0's test mAP50, read from its own epoch log (the seed's columns).
-    import csv
-
-    with open(run_dir / "mit_b0" / "logs" / "epoch_metrics.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    map50s = [float(row["map50"]) for row in rows if row.get("map50") not in (None, "")]
-    assert map50s and max(map50s) >= MIN_MIT_B0_MAP50, map50s
+    assert sorted(row["trial"] for row in summary["results"]) == sorted(BACKBONES)
 
     # Disk: what the run left is within what it announced before starting, and each trial
     # kept one epoch file besides its best ones.
@@ -106,6 +96,10 @@ def test_readme_quick_start_learns_and_fits_its_disk(tmp_path):
         assert 1 <= len(epoch_files) <= 3, (backbone, epoch_files)
         # The epoch file, the best ones when older, and the final weights-only file.
         assert len(inodes) <= 4, (backbone, sorted(p.name for p in checkpoints.glob("*.pth")))
+        # Each epoch file is the size the estimate counts: weights and momentum, 8 B a
+        # parameter (the registry's count, which tests/models checks against the reference).
+        assert os.path.getsize(checkpoints / epoch_files[-1]) == pytest.approx(
+            EPOCH_FILE_BYTES_PER_PARAMETER * get_backbone(backbone).parameters, rel=0.01)
 
 
 def test_synthetic_frame_size_takes_a_side_or_height_by_width(capsys):

@@ -54,14 +54,14 @@ def test_run_and_resume_with_the_run_directory_in_s3(s3_server, tiny_dataset, tm
     run_uri = (f"s3://{BUCKET}/runs/cloud?endpoint_override=127.0.0.1:{port}&scheme=http"
                "&region=us-east-1")
     prefix = "runs/cloud/"
-    args = ["--data", tiny_dataset, "--backbones", "mit_b0", "--epochs", "4", "--min-size", "64",
+    args = ["--data", tiny_dataset, "--backbones", "test_mit", "--epochs", "4", "--min-size", "64",
             "--max-size", "64", "--num-workers", "0", "--log-dir", log_dir, "--name", "cloud",
             "--gpus-per-trial", "0", "--cpus-per-trial", "1", "--keep-checkpoints", "2",
             "--no-dashboard", "--no-evaluate", "--verbose", "0"]
-    epochs_csv = prefix + "mit_b0/logs/epoch_metrics.csv"
+    epochs_csv = prefix + "test_mit/logs/epoch_metrics.csv"
 
     def logged_epochs() -> list[str]:
-        if epochs_csv not in _keys(client, prefix + "mit_b0/"):
+        if epochs_csv not in _keys(client, prefix + "test_mit/"):
             return []
         return [r["epoch"] for r in csv.DictReader(io.StringIO(_text(client, epochs_csv)))]
 
@@ -82,19 +82,19 @@ def test_run_and_resume_with_the_run_directory_in_s3(s3_server, tiny_dataset, tm
 
     keys = _keys(client, prefix)
     for name in ("run_config.json", "final_summary.json", "summary.csv", "summary.parquet",
-                 "training_curves.png", "mit_b0/logs/epoch_metrics.csv",
-                 "mit_b0/logs/batch_metrics.csv", "mit_b0/logs/training_info.json",
-                 "mit_b0/checkpoints/best_model.pth", "mit_b0/checkpoints/mit_b0_final.pth",
-                 "mit_b0/checkpoints/mit_b0_final_complete.pth"):
+                 "training_curves.png", "test_mit/logs/epoch_metrics.csv",
+                 "test_mit/logs/batch_metrics.csv", "test_mit/logs/training_info.json",
+                 "test_mit/checkpoints/best_model.pth", "test_mit/checkpoints/test_mit_final.pth",
+                 "test_mit/checkpoints/test_mit_final_complete.pth"):
         assert prefix + name in keys, name
     epoch_files = [k for k in keys if "/checkpoints/epoch_" in k]
     assert len(epoch_files) == 2 and epoch_files[-1].split("/")[-1].startswith("epoch_004_")
     assert not [k for k in keys if ".tmp-" in k]
     assert logged_epochs() == ["1", "2", "3", "4"]
     batches = [(r["epoch"], r["batch"]) for r in
-               csv.DictReader(io.StringIO(_text(client, prefix + "mit_b0/logs/batch_metrics.csv")))]
+               csv.DictReader(io.StringIO(_text(client, prefix + "test_mit/logs/batch_metrics.csv")))]
     assert len(batches) == len(set(batches)) and {e for e, _ in batches} == {"1", "2", "3", "4"}
-    info = json.loads(_text(client, prefix + "mit_b0/logs/training_info.json"))
+    info = json.loads(_text(client, prefix + "test_mit/logs/training_info.json"))
     assert info["status"] == "completed"
     # Exactly after the last logged epoch: nothing the logs showed was trained again.
     assert info["resumed_at_epochs"] == [len(done) + 1]

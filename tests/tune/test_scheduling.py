@@ -40,7 +40,7 @@ def local_ray():
 
 def _config(tiny_dataset, log_dir, name, **changes):
     train = TrainConfig(data=tiny_dataset, epochs=changes.pop("epochs", 1), batch_size=2,
-                        num_workers=0, backbones=changes.pop("backbones", ["mit_b0"]),
+                        num_workers=0, backbones=changes.pop("backbones", ["test_mit"]),
                         min_size=64, max_size=64, log_dir=str(log_dir))
     return LaunchConfig(train=train, name=name, verbose=0, cpus_per_trial=1, **changes)
 
@@ -50,7 +50,7 @@ def test_five_trials_at_a_fifth_of_a_gpu_run_at_once(local_ray, tiny_dataset, tm
     outcome = launch(_config(tiny_dataset, tmp_path, "fifths", gpus_per_trial="0.2",
                              lr_grid=grid))
     run_dir = tmp_path / "fifths"
-    names = [f"mit_b0_lr{0.005 * m:g}" for m in grid]
+    names = [f"test_mit_lr{0.005 * m:g}" for m in grid]
     assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == sorted(names)
     assert outcome.exit_code == 0 and outcome.summary["num_succeeded"] == 5
     spans = windows(run_dir, names)
@@ -62,7 +62,7 @@ def test_five_trials_at_a_fifth_of_a_gpu_run_at_once(local_ray, tiny_dataset, tm
         # The trial's share of the logical GPU is GPU 0: a real one where CUDA sees it, else
         # the trial trains on the CPU (with a warning).
         assert info["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
-    best = outcome.summary["best_lr_per_backbone"]["mit_b0"]
+    best = outcome.summary["best_lr_per_backbone"]["test_mit"]
     assert best["lr"] in [0.005 * m for m in grid]
     # Not evaluated: each inference figure is the one timed at the end of its training, and
     # says how many of the other trials were running then (from each trial's own record of
@@ -103,7 +103,7 @@ def test_impossible_request_fails_before_any_trial(local_ray, tiny_dataset, tmp_
 
 def test_killed_trial_resumes_from_its_checkpoint(local_ray, tiny_dataset, tmp_path):
     run_dir = tmp_path / "killed"
-    victim = run_dir / "mit_b0_lr0.005"
+    victim = run_dir / "test_mit_lr0.005"
     killed = {}
 
     def kill_at_the_first_logged_epoch():
@@ -128,7 +128,7 @@ def test_killed_trial_resumes_from_its_checkpoint(local_ray, tiny_dataset, tmp_p
     # Exactly after the last epoch logged when it died: nothing logged was trained again.
     assert info["resumed_at_epochs"] == [killed["epochs"] + 1]
     assert_epochs_once(victim, 3)
-    assert_epochs_once(run_dir / "mit_b0_lr0.0025", 3)
+    assert_epochs_once(run_dir / "test_mit_lr0.0025", 3)
 
 
 def test_a_trial_that_keeps_failing_is_reported_and_the_others_finish(local_ray, tiny_dataset,
@@ -138,14 +138,14 @@ def test_a_trial_that_keeps_failing_is_reported_and_the_others_finish(local_ray,
                              lr_grid=[1.0, 1e9], max_failures=1))
     assert outcome.exit_code == 1
     rows = {r["trial"]: r for r in outcome.summary["results"]}
-    assert rows["mit_b0_lr0.005"]["status"] == "completed"
-    failed = rows["mit_b0_lr5e+06"]
+    assert rows["test_mit_lr0.005"]["status"] == "completed"
+    failed = rows["test_mit_lr5e+06"]
     assert failed["status"] == "failed"
     assert "NonFiniteLossError" in failed["error"] and "epoch 1" in failed["error"]
     assert outcome.summary["num_failed"] == 1 and outcome.summary["num_succeeded"] == 1
     summary = json.loads((tmp_path / "failing" / "final_summary.json").read_text())
     assert summary["num_failed"] == 1
-    assert training_info(tmp_path / "failing" / "mit_b0_lr5e+06")["status"] == "failed"
+    assert training_info(tmp_path / "failing" / "test_mit_lr5e+06")["status"] == "failed"
 
 
 def test_asha_grid_names_the_best_lr(local_ray, tiny_dataset, tmp_path):
@@ -155,7 +155,7 @@ def test_asha_grid_names_the_best_lr(local_ray, tiny_dataset, tmp_path):
     assert len(rows) == 4
     assert {r["status"] for r in rows} <= {"completed", "stopped"}
     assert all(1 <= r["epochs_completed"] <= 3 for r in rows)
-    best = outcome.summary["best_lr_per_backbone"]["mit_b0"]
+    best = outcome.summary["best_lr_per_backbone"]["test_mit"]
     assert best["lr"] in {r["lr"] for r in rows}
     # By each trial's best-mAP epoch, not its lowest-loss one.
     assert best["map"] == max(r["best_map"] for r in rows if r["best_map"] is not None)
