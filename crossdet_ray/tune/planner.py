@@ -328,15 +328,21 @@ def plan_trials(requests: list[TrialRequest], nodes: list[GpuNode], workload: Wo
     work = sum(gpu_hours_alone(r.backbone, workload) for r in requests)
     trials = [PlannedTrial(
         trial=r.trial, backbone=r.backbone, gpus=a.gpus, workers=a.workers,
-        cpus=float(cpus), predicted_hours=round(f, 3),
+        cpus=float(cpus), predicted_hours=_hours(f),
         memory_gb_per_worker=round(memory_gb(r.backbone, workload,
                                              workload.batch_size // a.workers), 1)
         if a.gpus > 0 else 0.0)
         for r, a, f in zip(requests, allocations, finish)]
-    return Plan(trials=trials, predicted_makespan_hours=round(max(finish), 3),
-                lower_bound_hours=round(work / total_gpus, 3),
-                one_gpu_each_hours=round(max(one_each), 3),
+    return Plan(trials=trials, predicted_makespan_hours=_hours(max(finish)),
+                lower_bound_hours=_hours(work / total_gpus),
+                one_gpu_each_hours=_hours(max(one_each)),
                 cluster=describe_nodes(nodes), warnings=warnings)
+
+
+def _hours(hours: float) -> float:
+    """To 0.001 h (3.6 s), or to 3 significant digits where that is finer, so that a short
+    run's prediction is not rounded to zero."""
+    return round(hours, 3) if hours >= 0.1 else float(f"{hours:.3g}")
 
 
 def _balanced(requests, options, workload, total_gpus) -> dict[str, Allocation]:
@@ -380,10 +386,10 @@ def _cpu_plan(requests, nodes, workload, cpus_per_trial) -> Plan:
     work = sum(cpu_hours(r.backbone, workload, CPU_REFERENCE_THREADS) for r in requests)
     trials = [PlannedTrial(trial=r.trial, backbone=r.backbone, gpus=0.0, workers=1,
                            cpus=float(cpus),
-                           predicted_hours=round(h, 3), memory_gb_per_worker=0.0)
+                           predicted_hours=_hours(h), memory_gb_per_worker=0.0)
               for r, h in zip(requests, hours)]
-    return Plan(trials=trials, predicted_makespan_hours=round(max(hours, default=0), 3),
-                lower_bound_hours=round(work / max(total_cpus / CPU_REFERENCE_THREADS, 1e-9), 3),
+    return Plan(trials=trials, predicted_makespan_hours=_hours(max(hours, default=0)),
+                lower_bound_hours=_hours(work / max(total_cpus / CPU_REFERENCE_THREADS, 1e-9)),
                 one_gpu_each_hours=None, cluster=describe_nodes(nodes))
 
 

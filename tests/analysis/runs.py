@@ -16,7 +16,7 @@ from crossdet_ray.models import build_detector
 SIZE = 64
 
 
-def detector_checkpoint(seed: int, epoch: int, backbone: str = "mit_b0") -> dict:
+def detector_checkpoint(seed: int, epoch: int, backbone: str = "test_mit") -> dict:
     """An untrained detector whose box classifier says "object" for every proposal, so each
     frame gets up to 100 scored boxes (the proposals): some hit, most miss."""
     torch.manual_seed(seed)

@@ -33,19 +33,19 @@ def test_pareto_front_and_choice():
 
 
 def test_best_map_falls_back_to_the_best_epoch_still_on_disk(tmp_path):
-    trial = write_trial(tmp_path, "mit_b0", "mit_b0", maps=[0.4, 0.9, 0.2], seed=0)
+    trial = write_trial(tmp_path, "test_mit", "test_mit", maps=[0.4, 0.9, 0.2], seed=0)
     (trial / "checkpoints" / "epoch_002_loss_0.5000.pth").unlink()  # pruned
-    path, epoch, error = choose_checkpoint(trial, "mit_b0", "best_map")
+    path, epoch, error = choose_checkpoint(trial, "test_mit", "best_map")
     assert (epoch, error) == (1, None) and path.endswith("epoch_001_loss_1.0000.pth")
     # A best_map_model.pth kept by the run is preferred.
     (trial / "checkpoints" / "best_map_model.pth").hardlink_to(
         trial / "checkpoints" / "epoch_003_loss_0.3333.pth")
-    assert choose_checkpoint(trial, "mit_b0", "best_map")[0].endswith("best_map_model.pth")
-    assert choose_checkpoint(trial, "mit_b0", "best")[0].endswith("best_model.pth")
-    assert choose_checkpoint(trial, "mit_b0", "final")[0].endswith(
-        "mit_b0_final_complete.pth")
-    (trial / "checkpoints" / "mit_b0_final_complete.pth").unlink()
-    path, _, error = choose_checkpoint(trial, "mit_b0", "final")
+    assert choose_checkpoint(trial, "test_mit", "best_map")[0].endswith("best_map_model.pth")
+    assert choose_checkpoint(trial, "test_mit", "best")[0].endswith("best_model.pth")
+    assert choose_checkpoint(trial, "test_mit", "final")[0].endswith(
+        "test_mit_final_complete.pth")
+    (trial / "checkpoints" / "test_mit_final_complete.pth").unlink()
+    path, _, error = choose_checkpoint(trial, "test_mit", "final")
     assert path is None and "did not finish" in error
 
 

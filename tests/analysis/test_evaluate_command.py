@@ -27,7 +27,7 @@ pytestmark = pytest.mark.ray
 COLUMNS = ("trial", "backbone", "checkpoint", "epoch", "params", "model_size_mb", "map",
            "map50", "map75", "map_small", "map_medium", "map_large", "ar100",
            "infer_ms_per_image", "fps", "peak_memory_mb")
-GOOD = ("mit_b0", "mit_b0_lr0.01")
+GOOD = ("test_mit", "test_mit_lr0.01")
 
 
 def run_evaluate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -47,14 +47,14 @@ def run_evaluate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def evaluated(tiny_dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("evaluate") / "run"
     run_dir.mkdir()
-    write_trial(run_dir, "mit_b0", "mit_b0", maps=[0.1, 0.3], seed=1)  # best mAP: epoch 2
-    write_trial(run_dir, "mit_b0_lr0.01", "mit_b0", maps=[0.2, 0.1], seed=5)  # epoch 1
-    broken = write_trial(run_dir, "broken", "mit_b0", maps=[0.5], seed=9)
+    write_trial(run_dir, "test_mit", "test_mit", maps=[0.1, 0.3], seed=1)  # best mAP: epoch 2
+    write_trial(run_dir, "test_mit_lr0.01", "test_mit", maps=[0.2, 0.1], seed=5)  # epoch 1
+    broken = write_trial(run_dir, "broken", "test_mit", maps=[0.5], seed=9)
     epoch_file = broken / "checkpoints" / "epoch_001_loss_1.0000.pth"
     epoch_file.unlink()
     epoch_file.write_bytes(b"half a checkpoint")
-    write_run_config(run_dir, tiny_dataset, [("mit_b0", "mit_b0"), ("mit_b0_lr0.01", "mit_b0"),
-                                             ("broken", "mit_b0"), ("mit_b1", "mit_b1")])
+    write_run_config(run_dir, tiny_dataset, [("test_mit", "test_mit"), ("test_mit_lr0.01", "test_mit"),
+                                             ("broken", "test_mit"), ("mit_b1", "mit_b1")])
     result = run_evaluate(str(run_dir), cwd=run_dir.parent)
     out = run_dir / "evaluation"
     with open(out / "results.csv", newline="") as handle:
@@ -68,9 +68,9 @@ def test_every_trial_has_a_row_with_every_column(evaluated):
     assert result.returncode == 1, result.stderr[-3000:]  # two trials failed
     from crossdet_ray.models import build_detector
 
-    parameters = sum(p.numel() for p in build_detector("mit_b0", 2).parameters())
+    parameters = sum(p.numel() for p in build_detector("test_mit", 2).parameters())
     rows = evaluated["rows"]
-    assert list(rows) == ["mit_b0", "mit_b0_lr0.01", "broken", "mit_b1"]
+    assert list(rows) == ["test_mit", "test_mit_lr0.01", "broken", "mit_b1"]
     header = list(next(iter(rows.values())))
     assert header[:len(COLUMNS)] == list(COLUMNS)
     for name in GOOD:
@@ -89,11 +89,11 @@ def test_every_trial_has_a_row_with_every_column(evaluated):
 def test_best_map_epoch_is_evaluated(evaluated):
     rows = evaluated["rows"]
     run_dir = evaluated["run_dir"]
-    assert rows["mit_b0"]["epoch"] == "2"
-    assert rows["mit_b0"]["checkpoint"] == str(
-        run_dir / "mit_b0" / "checkpoints" / "epoch_002_loss_0.5000.pth")
-    assert rows["mit_b0_lr0.01"]["epoch"] == "1"
-    assert rows["mit_b0_lr0.01"]["checkpoint"].endswith("epoch_001_loss_1.0000.pth")
+    assert rows["test_mit"]["epoch"] == "2"
+    assert rows["test_mit"]["checkpoint"] == str(
+        run_dir / "test_mit" / "checkpoints" / "epoch_002_loss_0.5000.pth")
+    assert rows["test_mit_lr0.01"]["epoch"] == "1"
+    assert rows["test_mit_lr0.01"]["checkpoint"].endswith("epoch_001_loss_1.0000.pth")
 
 
 def test_failed_trials_are_listed_and_the_others_evaluated(evaluated):
@@ -167,12 +167,12 @@ def test_predictions_are_the_checkpoints_own(evaluated, tiny_dataset):
     """The predictions file holds what the checkpoint's model gives, run here on the frames."""
     from crossdet_ray.models import build_detector
 
-    row = evaluated["rows"]["mit_b0"]
+    row = evaluated["rows"]["test_mit"]
     checkpoint = torch.load(row["checkpoint"], weights_only=True)
-    model = build_detector("mit_b0", num_classes=2, min_size=SIZE, max_size=SIZE)
+    model = build_detector("test_mit", num_classes=2, min_size=SIZE, max_size=SIZE)
     model.load_state_dict(checkpoint["model_state_dict"])
     model.eval()
-    predictions = json.loads((evaluated["out"] / "predictions" / "mit_b0.json").read_text())
+    predictions = json.loads((evaluated["out"] / "predictions" / "test_mit.json").read_text())
     stem = predictions[0]["image_id"]
     frame = np.load(Path(tiny_dataset) / "images" / f"{stem}.npy")
     with torch.no_grad():
@@ -210,7 +210,7 @@ def test_tables_and_pictures(evaluated):
              for name in GOOD}
     samples = {name: [d["frame"] for d in evaluated["json"]["detections"][name]
                       if d["kind"] == "sample"] for name in GOOD}
-    assert samples["mit_b0"] == samples["mit_b0_lr0.01"] and len(samples["mit_b0"]) == 3
+    assert samples["test_mit"] == samples["test_mit_lr0.01"] and len(samples["test_mit"]) == 3
     for name in GOOD:
         assert drawn[name] == sorted(f"{d['frame']}.png"
                                      for d in evaluated["json"]["detections"][name])
@@ -272,7 +272,7 @@ def test_a_folder_of_checkpoints(tiny_dataset, tmp_path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     # A bare state dict, as <backbone>_final.pth is: the backbone comes from the file name.
-    torch.save(detector_checkpoint(3, 1)["model_state_dict"], folder / "mit_b0_final.pth")
+    torch.save(detector_checkpoint(3, 1)["model_state_dict"], folder / "test_mit_final.pth")
     (folder / "notes.txt").write_text("not a checkpoint")
     result = run_evaluate(str(folder), "--checkpoint-pattern", "*.pth", "--data", tiny_dataset,
                           "--min-size", str(SIZE), "--max-size", str(SIZE), "--out",
@@ -281,19 +281,19 @@ def test_a_folder_of_checkpoints(tiny_dataset, tmp_path):
     with open(tmp_path / "out" / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["trial"], r["backbone"], r["status"]) for r in rows] == [
-        ("mit_b0_final", "mit_b0", "ok")]
+        ("test_mit_final", "test_mit", "ok")]
     assert int(rows[0]["frames"]) == 12  # --data: every labelled frame
     assert not math.isnan(float(rows[0]["map50"]))
     summary = json.loads((tmp_path / "out" / "results.json").read_text())
-    drawings = summary["detections"]["mit_b0_final"]
-    errors = summary["frame_errors"]["mit_b0_final"]
+    drawings = summary["detections"]["test_mit_final"]
+    errors = summary["frame_errors"]["test_mit_final"]
     sample = [d["frame"] for d in drawings if d["kind"] == "sample"]
     worst = [d["frame"] for d in drawings if d["kind"] == "worst"]
     assert len(errors) == 12 and len(sample) == 4
     # The worst frames: the most errors among the frames not in the sample.
     others = sorted((f for f in errors if f not in sample), key=lambda f: (-errors[f], f))
     assert worst == others[:3]
-    assert {p.stem for p in (tmp_path / "out" / "detections" / "mit_b0_final").glob("*.png")} \
+    assert {p.stem for p in (tmp_path / "out" / "detections" / "test_mit_final").glob("*.png")} \
         == set(sample + worst)
 
 

@@ -158,16 +158,26 @@ def test_flags_reach_the_trial(tiny_dataset, tmp_path):
                                        rtol=0, atol=1e-6)
 
 
-def test_a_failed_trial_exits_1_with_the_summary_written(tiny_dataset, tmp_path):
-    # lr 1e9 diverges in the first epoch: a real failure, not retried (--max-failures 0).
+def test_a_failed_trial_exits_1_with_the_summary_written_and_the_others_finish(tiny_dataset,
+                                                                              tmp_path):
+    import json
+
+    # lr x 1e9 diverges in its first epoch on every attempt: a real failure, retried once
+    # (--max-failures 1), while the lr x 1 trial beside it finishes.
     result = _run(*_small(tiny_dataset, tmp_path / "logs", "--name", "diverged", "--epochs", "1",
-                          "--gpus-per-trial", "0", "--cpus-per-trial", "1", "--lr", "1e9",
-                          "--max-failures", "0"))
+                          "--gpus-per-trial", "0", "--cpus-per-trial", "1",
+                          "--lr-grid", "1", "1e9", "--max-failures", "1"))
     assert result.returncode == 1, result.stderr[-3000:]
-    summary = __import__("json").loads(
-        (tmp_path / "logs" / "diverged" / "final_summary.json").read_text())
-    assert summary["num_failed"] == 1 and summary["results"][0]["status"] == "failed"
-    assert "NonFiniteLossError" in summary["results"][0]["error"]
+    run_dir = tmp_path / "logs" / "diverged"
+    summary = json.loads((run_dir / "final_summary.json").read_text())
+    rows = {r["trial"]: r for r in summary["results"]}
+    assert rows["test_mit_lr0.005"]["status"] == "completed"
+    failed = rows["test_mit_lr5e+06"]
+    assert failed["status"] == "failed"
+    assert "NonFiniteLossError" in failed["error"] and "epoch 1" in failed["error"]
+    assert summary["num_failed"] == 1 and summary["num_succeeded"] == 1
+    assert training_info(run_dir / "test_mit_lr5e+06")["status"] == "failed"
+    assert "FAILED test_mit_lr5e+06" in result.stdout + result.stderr
 
 
 def test_user_mistakes_about_the_run_directory_exit_2(tiny_dataset, tmp_path, capsys):

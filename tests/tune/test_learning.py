@@ -260,6 +260,9 @@ def test_asha_stops_the_lr_that_cannot_learn(asha_run):
     assert status[BAD] == "stopped"
     assert summary["best_lr_per_backbone"][BACKBONE]["lr"] == pytest.approx(LR)
     assert summary["best_lr_per_backbone"][BACKBONE]["trial"] == GOOD
+    # Chosen by each trial's best-mAP epoch, not its lowest-loss one.
+    assert summary["best_lr_per_backbone"][BACKBONE]["map"] == max(
+        r["best_map"] for r in summary["results"] if r["best_map"] is not None)
 
 
 def test_the_asha_trial_that_ran_every_epoch_completed(asha_run):
