@@ -224,6 +224,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    ray_was_connected = _ray_connected()
+    try:
+        return _run(args)
+    finally:
+        # A Ray this call started or joined is left as it was found: called in a process
+        # that goes on (a notebook, a test), the next call connects afresh.
+        if not ray_was_connected and _ray_connected():
+            import ray
+
+            ray.shutdown()
+
+
+def _ray_connected() -> bool:
+    """Whether this process is connected to a Ray, without importing Ray to find out."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _run(args: argparse.Namespace) -> int:
     # Tune warns whenever a callback takes over 0.5 s, which every trial's start-up does on a
     # busy laptop; read when Ray Tune is imported, so set before the launcher brings it in.
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "10")

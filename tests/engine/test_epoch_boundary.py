@@ -10,7 +10,6 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from crossdet_ray.engine import train as train_module
 from crossdet_ray.engine.checkpoint import BackgroundWriter, SnapshotBuffers
-from crossdet_ray.engine.run_logs import SeedLogWriter
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.engine.train import fit, seed_epoch_order
 

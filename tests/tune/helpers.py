@@ -58,6 +58,16 @@ def assert_epochs_once(trial_dir: Path, epochs: int) -> None:
     assert sorted({e for e, _ in batches}) == list(range(1, epochs + 1))
 
 
+def assert_trained(trial_dir: Path) -> None:
+    """The trial really trained: its loss moved between its first and last epochs (or, with
+    one epoch, between its batches), so that equal-file checks never compare empty results."""
+    losses = [float(r["avg_loss"]) for r in epoch_rows(trial_dir)]
+    assert losses, f"{trial_dir.name} logged no epoch"
+    if len(losses) == 1:
+        losses = [float(r["loss"]) for r in batch_rows(trial_dir)]
+    assert len(set(losses)) > 1, f"{trial_dir.name}: the loss never moved: {losses}"
+
+
 # Reading files another process is writing: not there yet, or not yet holding the key.
 READ_RACES = (FileNotFoundError, KeyError, json.JSONDecodeError)
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from .fake_autoscaler import GPU_TYPE_MAX_WORKERS
-from .helpers import assert_epochs_once, ray_env, run, training_info
+from .helpers import assert_epochs_once, assert_trained, ray_env, run, training_info
 
 pytestmark = pytest.mark.ray
 
@@ -46,6 +46,7 @@ def test_auto_plans_for_launchable_gpu_nodes_and_the_trial_runs_on_one(
 
     trial_dir = run_dir / "test_mit"
     assert_epochs_once(trial_dir, 1)
+    assert_trained(trial_dir)
     info = training_info(trial_dir)
     assert info["resources"] == share
     assert info["gpu_ids"] == ["0"]

@@ -4,14 +4,13 @@ interrupted, is a real subprocess."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .helpers import assert_epochs_once, epoch_rows, poll_until, ray_env, training_info
+from .helpers import epoch_rows, ray_env, training_info
 from .helpers import command as _command
 
 pytestmark = pytest.mark.ray
@@ -83,40 +82,6 @@ def test_gpu_request_without_gpu_fails_fast(tiny_dataset, tmp_path):
                                      "--gpus-per-trial", "1"),
                             capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
     _assert_one_clear_error(result, "no GPU", "--gpus-per-trial 0")
-
-
-def test_resume_after_sigint_trains_no_epoch_twice(tiny_dataset, tmp_path):
-    run_dir = tmp_path / "logs" / "interrupted"
-    args = _small(tiny_dataset, tmp_path / "logs", "--name", "interrupted", "--epochs", "4",
-                  "--gpus-per-trial", "0", "--cpus-per-trial", "1")
-    args = tuple(a for a in args if a != "--no-dashboard")  # this run shows its dashboard
-    process = subprocess.Popen(_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=ROOT, env=ray_env())
-    trial = run_dir / "test_mit"
-    # The trigger is the log row itself: a row promises its epoch is safe.
-    if not poll_until(lambda: len(epoch_rows(trial)) >= 1, timeout=240, interval=0.05,
-                      process=process):
-        process.kill()
-        pytest.fail(f"the run ended before it could be interrupted: {process.communicate()[1]}")
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=180)
-    assert process.returncode == 130, stderr[-3000:]
-    assert "--resume" in stderr
-    # A local run starts Ray's dashboard on the loopback interface only, and says where.
-    assert "Ray dashboard: http://127.0.0.1:" in stderr
-    done_before = [int(r["epoch"]) for r in epoch_rows(trial)]
-    assert done_before == list(range(1, len(done_before) + 1))
-    assert len(done_before) < 4, "the run finished before the interrupt"
-    assert training_info(trial)["epochs_completed"] == len(done_before)
-
-    result = _run("--resume", str(run_dir), "--no-dashboard", "--no-evaluate", "--verbose", "0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_epochs_once(trial, 4)
-    info = training_info(trial)
-    assert info["status"] == "completed"
-    # Exactly after the last logged epoch: nothing the logs showed was trained again.
-    assert info["resumed_at_epochs"] == [len(done_before) + 1]
-    assert (run_dir / "final_summary.json").is_file()
 
 
 def _segformer_file(path: Path) -> dict:

@@ -14,7 +14,7 @@ import pytest
 
 from crossdet_ray.synthetic import generate_dataset
 
-from .helpers import poll_until, run, small_run, start, training_info
+from .helpers import assert_trained, poll_until, run, small_run, start, training_info
 
 pytestmark = pytest.mark.ray
 
@@ -58,8 +58,8 @@ def _node_ip() -> str:
 
 
 def test_the_dashboard_binds_to_the_host_given_and_says_where(tiny_dataset, tmp_path):
-    # 127.0.0.2: an interface other than the default (127.0.0.1, which test_cli's interrupted
-    # run sees logged) that only this machine reaches (0.0.0.0 would expose it).
+    # 127.0.0.2: an interface other than the default (127.0.0.1, which test_crash_consistency's
+    # interrupted run sees logged) that only this machine reaches (0.0.0.0 would expose it).
     host, _ = _dashboard_run(tiny_dataset, tmp_path, "127.0.0.2")
     assert host == "127.0.0.2"
 
@@ -150,3 +150,4 @@ def test_the_builtin_dataset_is_made_once_then_reused(tmp_path, monkeypatch):
         saved = json.loads((tmp_path / "logs" / name / "run_config.json").read_text())
         assert saved["data"]["resolved_path"] == str(dataset)
         assert training_info(tmp_path / "logs" / name / "test_mit")["status"] == "completed"
+        assert_trained(tmp_path / "logs" / name / "test_mit")

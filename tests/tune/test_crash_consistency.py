@@ -1,4 +1,5 @@
-"""Crash consistency through the real command: a killed driver, a full disk, damaged checkpoints.
+"""Crash consistency through the real command: Ctrl-C, a full disk, damaged checkpoints (a
+killed driver is tests/tune/test_data_parallel_trial.py's).
 
 The promise under test (crossdet_ray.engine.run_logs): a row in epoch_metrics.csv means the
 epoch is safe, and `--resume` continues right after the newest safe epoch whose file loads.
@@ -13,20 +14,17 @@ import json
 import os
 import re
 import shutil
-import signal
 
 import pytest
 import torch
 
 from .helpers import (
     assert_epochs_once,
-    announced_epoch,
+    assert_trained,
     batch_rows,
     epoch_rows,
-    kill_session,
     logged_epochs,
     run,
-    session_processes,
     signal_once_logged,
     small_run,
     start,
@@ -45,38 +43,6 @@ def _epoch_files(trial_dir) -> list:
 def _resume(run_dir, output_dir, label: str):
     return run(("--resume", str(run_dir), "--no-dashboard", "--no-evaluate", "--verbose", "0"),
                output_dir, label)
-
-
-# -- the driver killed mid-run ----------------------------------------------------------------
-def test_a_killed_driver_resumes_right_after_its_last_logged_epoch(tiny_dataset, tmp_path):
-    run_dir = tmp_path / "logs" / "killed"
-    trial = run_dir / TRIAL
-    driver = start(small_run(tiny_dataset, tmp_path / "logs", "killed", 4), tmp_path, "first")
-    try:
-        # The driver only: what a lost head process does.
-        signal_once_logged(driver, lambda: len(logged_epochs(trial)), 1, signal.SIGKILL)
-        assert driver.process.wait(timeout=60) == -signal.SIGKILL
-        # Its Ray (raylet, workers, agents) goes down with it or is killed here; the trial
-        # cannot log past this point.
-        assert kill_session(driver.pid), session_processes(driver.pid)
-    finally:
-        driver.kill()
-
-    done = logged_epochs(trial)
-    assert done == list(range(1, len(done) + 1))
-    assert len(done) < 4, "the run finished before the driver was killed"
-    # What the resume is handed besides the logs: Tune's saved checkpoint. It trails the rows
-    # (a row follows its report), so it can lead them only if the kill fell between the two.
-    announced = announced_epoch(run_dir, TRIAL)
-    assert announced <= len(done) + 1
-
-    resumed = _resume(run_dir, tmp_path, "resume")
-    assert resumed.process.returncode == 0, resumed.stderr[-3000:]
-    assert_epochs_once(trial, 4)
-    info = training_info(trial)
-    assert info["status"] == "completed"
-    assert info["resumed_at_epochs"] == [max(len(done), announced) + 1]
-    assert json.loads((run_dir / "final_summary.json").read_text())["num_succeeded"] == 1
 
 
 # -- a full disk --------------------------------------------------------------------------------
@@ -165,21 +131,29 @@ def test_a_full_disk_fails_the_trial_once_and_resume_finishes_it(tiny_dataset, t
 def interrupted_run(tiny_dataset, tmp_path_factory):
     """A 4-epoch run stopped by one Ctrl-C once epoch 2 was logged: (run dir, epochs logged).
 
-    Tests damage copies of it. The drain lets the checkpoint in flight land, so 2 or 3 epochs
-    are logged, and epoch 4 is never reached.
+    Tests resume copies of it, as it is or damaged. The drain lets the checkpoint in flight
+    land, so 2 or 3 epochs are logged, and epoch 4 is never reached. This run shows its
+    dashboard, as a local run does by default.
     """
     root = tmp_path_factory.mktemp("interrupted")
     run_dir = root / "logs" / "damaged"
     trial = run_dir / TRIAL
-    driver = start(small_run(tiny_dataset, root / "logs", "damaged", 4), root, "first")
+    args = [a for a in small_run(tiny_dataset, root / "logs", "damaged", 4)
+            if a != "--no-dashboard"]
+    driver = start(args, root, "first")
     try:
         signal_once_logged(driver, lambda: len(logged_epochs(trial)), 2)
         assert driver.wait(timeout=180) == 130, driver.stderr[-3000:]
     finally:
         driver.kill()
+    assert "--resume" in driver.stderr
+    # A local run starts Ray's dashboard on the loopback interface only, and says where.
+    assert "Ray dashboard: http://127.0.0.1:" in driver.stderr
     done = logged_epochs(trial)
     assert done == list(range(1, len(done) + 1)) and 2 <= len(done) < 4
     assert [int(f.name[6:9]) for f in _epoch_files(trial)] == done
+    assert training_info(trial)["epochs_completed"] == len(done)
+    assert_trained(trial)
     return run_dir, len(done)
 
 
@@ -190,6 +164,18 @@ def _copy_of(interrupted_run, tmp_path):
     run_dir = tmp_path / "logs" / source.name
     shutil.copytree(source, run_dir)
     return run_dir, run_dir / TRIAL, done
+
+
+def test_resume_after_ctrl_c_trains_no_epoch_twice(interrupted_run, tmp_path):
+    run_dir, trial, done = _copy_of(interrupted_run, tmp_path)
+    resumed = _resume(run_dir, tmp_path, "resume")
+    assert resumed.process.returncode == 0, resumed.stderr[-3000:]
+    assert_epochs_once(trial, 4)
+    info = training_info(trial)
+    assert info["status"] == "completed"
+    # Exactly after the last logged epoch: nothing the logs showed was trained again.
+    assert info["resumed_at_epochs"] == [done + 1]
+    assert (run_dir / "final_summary.json").is_file()
 
 
 def _truncate_to_half(path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import ROOT, command, epoch_rows, ray_env, run, training_info
+from .helpers import ROOT, assert_trained, command, epoch_rows, ray_env, run, training_info
 
 pytestmark = pytest.mark.ray
 
@@ -49,6 +49,7 @@ def source_run(easy_dataset, tmp_path_factory) -> Path:
     writer = SeedLogWriter(RunStorage.from_uri(str(run_dir / "test_mit")), "test_mit",
                            config.to_dict())
     fit(config, "test_mit", str(easy_dataset), listener=writer)
+    assert_trained(run_dir / "test_mit")
     return run_dir
 
 
@@ -63,6 +64,8 @@ def fine_tuned(easy_dataset, source_run, tmp_path_factory) -> Path:
             "--log-dir", str(log_dir), "--name", "tuned", "--no-dashboard", "--no-evaluate", "--verbose", "0"]
     result = run(args, log_dir / "output", "tuned", timeout=500)
     assert result.process.returncode == 0, result.stderr[-3000:]
+    for trial in TRIALS:
+        assert_trained(log_dir / "tuned" / trial)
     return log_dir / "tuned"
 
 

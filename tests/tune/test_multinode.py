@@ -9,7 +9,7 @@ import pytest
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.tune.launcher import LaunchConfig, launch
 
-from .helpers import assert_epochs_once, epoch_rows, poll_until, process_ended, training_info
+from .helpers import assert_epochs_once, assert_trained, epoch_rows, poll_until, process_ended, training_info
 
 pytestmark = pytest.mark.ray
 
@@ -76,6 +76,7 @@ def test_trials_spread_and_survive_a_lost_node(three_nodes, tiny_dataset, tmp_pa
     assert all(r["status"] == "completed" for r in rows.values())
     for name in names:
         assert_epochs_once(run_dir / name, 4)
+        assert_trained(run_dir / name)
         assert rows[name]["node_id"] in worker_ids  # never on the GPU-less head
     # Spread: one trial on each worker node (each wanted a whole GPU).
     assert set(removed["initial_nodes"].values()) == worker_ids

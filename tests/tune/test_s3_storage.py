@@ -94,6 +94,9 @@ def test_run_and_resume_with_the_run_directory_in_s3(s3_server, tiny_dataset, tm
     batches = [(r["epoch"], r["batch"]) for r in
                csv.DictReader(io.StringIO(_text(client, prefix + "test_mit/logs/batch_metrics.csv")))]
     assert len(batches) == len(set(batches)) and {e for e, _ in batches} == {"1", "2", "3", "4"}
+    losses = {r["avg_loss"] for r in
+              csv.DictReader(io.StringIO(_text(client, epochs_csv)))}
+    assert len(losses) == 4, "the run did not train"
     info = json.loads(_text(client, prefix + "test_mit/logs/training_info.json"))
     assert info["status"] == "completed"
     # Exactly after the last logged epoch: nothing the logs showed was trained again.

@@ -17,7 +17,7 @@ from crossdet_ray.config import TrainConfig
 from crossdet_ray.tune.launcher import LaunchConfig, launch
 from crossdet_ray.tune.resources import ResourceError
 
-from .helpers import (assert_epochs_once, epoch_rows, max_concurrency, poll_until,
+from .helpers import (assert_epochs_once, assert_trained, epoch_rows, max_concurrency, poll_until,
                       process_ended, training_info, windows)
 
 pytestmark = pytest.mark.ray
@@ -47,8 +47,9 @@ def _config(tiny_dataset, log_dir, name, **changes):
 
 def test_five_trials_at_a_fifth_of_a_gpu_run_at_once(local_ray, tiny_dataset, tmp_path):
     grid = [0.25, 0.5, 1.0, 2.0, 4.0]
+    # Epochs enough that each trial trains for longer than their start-ups are spread over.
     outcome = launch(_config(tiny_dataset, tmp_path, "fifths", gpus_per_trial="0.2",
-                             lr_grid=grid))
+                             lr_grid=grid, epochs=6))
     run_dir = tmp_path / "fifths"
     names = [f"test_mit_lr{0.005 * m:g}" for m in grid]
     assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == sorted(names)
@@ -128,4 +129,5 @@ def test_killed_trial_resumes_from_its_checkpoint(local_ray, tiny_dataset, tmp_p
     # Exactly after the last epoch logged when it died: nothing logged was trained again.
     assert info["resumed_at_epochs"] == [killed["epochs"] + 1]
     assert_epochs_once(victim, 3)
+    assert_trained(victim)
     assert_epochs_once(run_dir / "test_mit_lr0.0025", 3)
