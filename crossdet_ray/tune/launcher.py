@@ -402,6 +402,7 @@ def launch(config: LaunchConfig) -> RunOutcome:
         return _resume(config)
     validate(config)
     config.name = config.name or default_run_name()
+    refuse_unusable_run_directory(config)
     init_weights, tracking_uri = _follow_up(config)
     # The preflight comes before Ray starts, so bad data fails fast with nothing started
     # (overlapping the two would save at most its 1.6 s per 10,000 frames).
@@ -472,6 +473,26 @@ def launch(config: LaunchConfig) -> RunOutcome:
             progress_reporter=progress_reporter(config, data, run_storage)),
     )
     return _fit_and_summarise(tuner, config, run_storage, dashboard_url, control)
+
+
+def refuse_unusable_run_directory(config: LaunchConfig) -> None:
+    """A taken run name, or a local --log-dir that cannot hold folders, fails before Ray or
+    the dataset are touched; new_run_storage makes the folder later and checks again."""
+    run_storage = RunStorage.from_uri(config.train.log_dir).child(config.name)
+    if run_storage.is_local:
+        existing = Path(run_storage.root)
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent  # the folders will be made under their nearest ancestor
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise LaunchError(f"--log-dir: cannot write to {run_storage.uri()}: {existing} is "
+                              "not a folder this user can write to; check the path")
+    try:
+        taken = run_storage.exists(RUN_CONFIG_FILE)
+    except OSError:
+        return  # a bucket that cannot be read now is reported when the run is made
+    if taken:
+        raise LaunchError(f"{run_storage.uri()} already holds a run; pass --resume "
+                          f"{run_storage.uri()} to continue it, or another --name")
 
 
 def new_run_storage(config: LaunchConfig) -> RunStorage:

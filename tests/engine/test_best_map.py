@@ -143,28 +143,13 @@ def _max_difference(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """Two epochs of test_mit on 12 frames of 64 px, its last checkpoint saved as a file."""
-    from crossdet_ray.config import TrainConfig
-    from crossdet_ray.synthetic import generate_dataset
-
-    data = tmp_path_factory.mktemp("init_data")
-    generate_dataset(data, 12, seed=0, sizes=[(64, 64)])
-    config = TrainConfig(data=str(data), epochs=2, batch_size=2, num_workers=0,
-                         backbones=["test_mit"], min_size=64, max_size=64, seed=0)
-    captured = {}
-
-    class Keep(_Last):
-        def on_epoch_end(self, metrics, checkpoint):
-            super().on_epoch_end(metrics, checkpoint)
-            captured["checkpoint"] = {k: (v if k != "model_state_dict" else self.weights)
-                                      for k, v in checkpoint.items()}
-
-    listener = Keep()
-    fit(config, "test_mit", str(data), listener=listener)
+def source(two_epoch_fit, tmp_path_factory):
+    """The engine's two-epoch fit (tests/engine/conftest.py), its last checkpoint saved as a
+    file: (config, its Recorder, the file)."""
+    config, recorder, _ = two_epoch_fit
     path = tmp_path_factory.mktemp("init_source") / "best_map_model.pth"
-    torch.save(captured["checkpoint"], path)
-    return config, listener, path
+    torch.save(recorder.checkpoints[-1], path)
+    return config, recorder, path
 
 
 def test_fit_tracks_the_best_map_epoch(source):

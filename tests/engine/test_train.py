@@ -13,48 +13,16 @@ from crossdet_ray.engine.run_logs import EPOCH_COLUMNS, SeedLogWriter
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.engine.train import NonFiniteLossError, fit, select_device
 
+from .conftest import Recorder
+
 SEED_EPOCH_COLUMNS = ["epoch", "avg_loss", "total_loss", "epoch_time_sec", "learning_rate",
                       "is_best", "checkpoint_path", "timestamp"]
 SEED_BATCH_COLUMNS = ["epoch", "batch", "loss", "loss_classifier", "loss_box_reg",
                       "loss_objectness", "loss_rpn_box_reg", "timestamp"]
 
 
-class Recorder:
-    def __init__(self):
-        self.batches, self.epochs, self.checkpoints, self.summary = [], [], [], None
-
-    def on_train_start(self, info):
-        self.info = info
-
-    def on_batch_end(self, metrics):
-        self.batches.append(metrics)
-
-    def on_epoch_end(self, metrics, checkpoint):
-        self.epochs.append(metrics)
-        # The dict holds live tensors (as torch's state_dict does): keep a snapshot.
-        self.checkpoints.append(copy.deepcopy(checkpoint))
-
-    def on_train_end(self, summary, checkpoint):
-        self.summary = summary
-
-
-@pytest.fixture(scope="module")
-def two_epoch_run(tmp_path_factory):
-    from crossdet_ray.config import TrainConfig
-    from crossdet_ray.synthetic import generate_dataset
-
-    data = tmp_path_factory.mktemp("engine_data")
-    generate_dataset(data, 12, seed=0, sizes=[(64, 64)])
-    config = TrainConfig(data=str(data), epochs=2, batch_size=2, num_workers=0,
-                         backbones=["test_mit"], min_size=64, max_size=64, lr_step_size=1,
-                         lr_gamma=0.5)
-    recorder = Recorder()
-    summary = fit(config, "test_mit", str(data), listener=recorder)
-    return config, recorder, summary
-
-
-def test_fit_reports_every_metric(two_epoch_run):
-    config, recorder, summary = two_epoch_run
+def test_fit_reports_every_metric(two_epoch_fit):
+    config, recorder, summary = two_epoch_fit
     assert [m.epoch for m in recorder.epochs] == [1, 2]
     first = recorder.epochs[0]
     for name in ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"):
@@ -72,8 +40,8 @@ def test_fit_reports_every_metric(two_epoch_run):
     assert recorder.info["num_classes"] == 2
 
 
-def test_checkpoint_is_the_reference_dict_and_loads_weights_only(two_epoch_run, tmp_path):
-    _, recorder, _ = two_epoch_run
+def test_checkpoint_is_the_reference_dict_and_loads_weights_only(two_epoch_fit, tmp_path):
+    _, recorder, _ = two_epoch_fit
     checkpoint = recorder.checkpoints[-1]
     assert set(CHECKPOINT_KEYS) <= set(checkpoint)
     assert isinstance(checkpoint["config"], dict)
@@ -84,8 +52,8 @@ def test_checkpoint_is_the_reference_dict_and_loads_weights_only(two_epoch_run, 
     assert loaded["config"]["lr"] == 0.005
 
 
-def test_resumed_run_matches_uninterrupted_run(two_epoch_run):
-    config, recorder, _ = two_epoch_run
+def test_resumed_run_matches_uninterrupted_run(two_epoch_fit):
+    config, recorder, _ = two_epoch_fit
     first_epoch_checkpoint = recorder.checkpoints[0]
     resumed = Recorder()
     summary = fit(config, "test_mit", config.data, listener=resumed,
@@ -100,8 +68,8 @@ def test_resumed_run_matches_uninterrupted_run(two_epoch_run):
     assert summary.total_time_sec >= first_attempt_sec + resumed.epochs[0].epoch_time_sec
 
 
-def test_resume_checkpoint_of_other_backbone_is_refused(two_epoch_run):
-    config, recorder, _ = two_epoch_run
+def test_resume_checkpoint_of_other_backbone_is_refused(two_epoch_fit):
+    config, recorder, _ = two_epoch_fit
     with pytest.raises(ValueError, match="test_mit, not mit_b1"):
         fit(config, "mit_b1", config.data, resume_from=recorder.checkpoints[0])
 
@@ -150,8 +118,8 @@ def _rows(path):
         return reader.fieldnames, list(reader)
 
 
-def test_seed_layout_written_by_log_writer(two_epoch_run, tmp_path):
-    config, recorder, summary = two_epoch_run
+def test_seed_layout_written_by_log_writer(two_epoch_fit, tmp_path):
+    config, recorder, summary = two_epoch_fit
     writer = SeedLogWriter(RunStorage.from_uri(str(tmp_path)), "test_mit", config.to_dict(),
                            keep_checkpoints=1)
     writer.on_train_start({**recorder.info, "start_epoch": 1})

@@ -179,7 +179,7 @@ def test_compile_runs_the_encoder_through_torch_compile_and_keeps_checkpoint_key
         return graph_module.forward
 
     config = TrainConfig(min_size=64, max_size=64)
-    model = build_model(config, "mit_b0", num_classes=2).eval()
+    model = build_model(config, "test_mit", num_classes=2).eval()
     keys = list(model.state_dict())
     images, _ = random_batch()
     frames = model.transform(images)[0].tensors

@@ -98,19 +98,26 @@ def _segformer_file(path: Path) -> dict:
     return weights
 
 
-def test_flags_reach_the_trial(tiny_dataset, tmp_path):
-    """--pretrained, --num-workers > 0 and --cpus-per-trial, as the trial actually used them."""
+def test_flags_reach_the_trial_and_a_failing_trial_exits_1(tiny_dataset, tmp_path):
+    """--pretrained, --num-workers > 0 and --cpus-per-trial, as the trial actually used them;
+    and beside it a trial that keeps failing: reported, retried once, the run's exit code 1."""
+    import json
+
     import torch
 
     weights = _segformer_file(tmp_path / "segformer_test_mit.pth")
-    # lr 1e-12: one epoch leaves every weight where --pretrained put it (to float rounding).
+    # --lr 1e-12 --lr-grid 1 1e21: the lr 1e-12 trial leaves every weight where --pretrained
+    # put it (to float rounding); the lr 1e9 one diverges in its first epoch on every attempt,
+    # a real failure, retried once (--max-failures 1).
     result = _run(*_small(tiny_dataset, tmp_path / "logs", "--name", "flags", "--epochs", "1",
                           "--gpus-per-trial", "0", "--cpus-per-trial", "1", "--lr", "1e-12",
+                          "--lr-grid", "1", "1e21", "--max-failures", "1",
                           "--pretrained", str(tmp_path / "segformer_test_mit.pth")),
                   "--num-workers", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]
     assert "Ray dashboard:" not in result.stderr  # --no-dashboard
-    trial = tmp_path / "logs" / "flags" / "test_mit"
+    run_dir = tmp_path / "logs" / "flags"
+    trial = run_dir / "test_mit_lr1e-12"
     info = training_info(trial)
     assert info["status"] == "completed"
     assert info["torch_threads"] == 1 and info["resources"]["cpu"] == 1
@@ -122,27 +129,20 @@ def test_flags_reach_the_trial(tiny_dataset, tmp_path):
             torch.testing.assert_close(final[f"backbone.encoder.{stream}{name}"], weights[name],
                                        rtol=0, atol=1e-6)
 
-
-def test_a_failed_trial_exits_1_with_the_summary_written_and_the_others_finish(tiny_dataset,
-                                                                              tmp_path):
-    import json
-
-    # lr x 1e9 diverges in its first epoch on every attempt: a real failure, retried once
-    # (--max-failures 1), while the lr x 1 trial beside it finishes.
-    result = _run(*_small(tiny_dataset, tmp_path / "logs", "--name", "diverged", "--epochs", "1",
-                          "--gpus-per-trial", "0", "--cpus-per-trial", "1",
-                          "--lr-grid", "1", "1e9", "--max-failures", "1"))
-    assert result.returncode == 1, result.stderr[-3000:]
-    run_dir = tmp_path / "logs" / "diverged"
     summary = json.loads((run_dir / "final_summary.json").read_text())
     rows = {r["trial"]: r for r in summary["results"]}
-    assert rows["test_mit_lr0.005"]["status"] == "completed"
-    failed = rows["test_mit_lr5e+06"]
+    assert rows["test_mit_lr1e-12"]["status"] == "completed"
+    failed = rows["test_mit_lr1e+09"]
     assert failed["status"] == "failed"
     assert "NonFiniteLossError" in failed["error"] and "epoch 1" in failed["error"]
     assert summary["num_failed"] == 1 and summary["num_succeeded"] == 1
-    assert training_info(run_dir / "test_mit_lr5e+06")["status"] == "failed"
-    assert "FAILED test_mit_lr5e+06" in result.stdout + result.stderr
+    assert training_info(run_dir / "test_mit_lr1e+09")["status"] == "failed"
+    assert "FAILED test_mit_lr1e+09" in result.stdout + result.stderr
+    from ray import tune
+
+    tries = {t.config["trial"]["name"]: t.num_failures
+             for t in tune.ExperimentAnalysis(str(run_dir)).trials}
+    assert tries == {"test_mit_lr1e-12": 0, "test_mit_lr1e+09": 2}  # the first try and a retry
 
 
 def test_user_mistakes_about_the_run_directory_exit_2(tiny_dataset, tmp_path, capsys):

@@ -139,15 +139,21 @@ def test_the_builtin_dataset_is_made_once_then_reused(tmp_path, monkeypatch):
     assert len(generated) == 1, first.stderr[-3000:]
     assert "Ray dashboard:" not in first.stderr  # --no-dashboard
 
-    second = without_data("second")
+    assert "no --data given: using the built-in synthetic" in first.stderr
+    saved = json.loads((tmp_path / "logs" / "first" / "run_config.json").read_text())
+    assert saved["data"]["resolved_path"] == str(dataset)
+    assert training_info(tmp_path / "logs" / "first" / "test_mit")["status"] == "completed"
+    assert_trained(tmp_path / "logs" / "first" / "test_mit")
+
+    # A later run on the same flags: its driver resolves the dataset first (a plan for a
+    # cluster that is not here needs no Ray, so nothing else runs).
+    second = run(["--synthetic-images", "8", "--synthetic-frame-size", "64", "--plan-only",
+                  "--plan-for", "1x1x80", "--log-dir", str(tmp_path / "logs"),
+                  "--name", "second"], tmp_path, "second")
     assert second.process.returncode == 0, second.stderr[-3000:]
+    assert "no --data given: using the built-in synthetic" in second.stderr
+    assert str(dataset) in second.stderr
     # Reused as it was: the same files, neither rewritten nor replaced, and no new folder.
     assert _files(dataset) == made
     assert sorted(p.name for p in cache.iterdir()) == ["synthetic_n8_seed0_64px"]
     assert "crossdet_ray.synthetic" not in second.stderr, second.stderr[-3000:]
-    for result, name in ((first, "first"), (second, "second")):
-        assert "no --data given: using the built-in synthetic" in result.stderr
-        saved = json.loads((tmp_path / "logs" / name / "run_config.json").read_text())
-        assert saved["data"]["resolved_path"] == str(dataset)
-        assert training_info(tmp_path / "logs" / name / "test_mit")["status"] == "completed"
-        assert_trained(tmp_path / "logs" / name / "test_mit")

@@ -53,7 +53,7 @@ def _model():
     from crossdet_ray.models.mit import DropPath
 
     torch.manual_seed(0)
-    model = build_detector("mit_b0", num_classes=2, **KEEP_EVERYTHING)
+    model = build_detector("test_mit", num_classes=2, **KEEP_EVERYTHING)
     for module in model.modules():
         if isinstance(module, DropPath):
             module.drop_prob = 0.0
