@@ -268,16 +268,17 @@ def test_report_in_a_browser(evaluated, tmp_path):
 
 
 # -- a folder of checkpoints, and the user's mistakes ------------------------------------------
-def test_a_folder_of_checkpoints(tiny_dataset, tmp_path):
+def test_a_folder_of_checkpoints(tiny_dataset, tmp_path, capsys):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     # A bare state dict, as <backbone>_final.pth is: the backbone comes from the file name.
     torch.save(detector_checkpoint(3, 1)["model_state_dict"], folder / "test_mit_final.pth")
     (folder / "notes.txt").write_text("not a checkpoint")
-    result = run_evaluate(str(folder), "--checkpoint-pattern", "*.pth", "--data", tiny_dataset,
-                          "--min-size", str(SIZE), "--max-size", str(SIZE), "--out",
-                          str(tmp_path / "out"), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # In this process: the command as a subprocess is the run directory's test above.
+    code = main([str(folder), "--checkpoint-pattern", "*.pth", "--data", tiny_dataset,
+                 "--min-size", str(SIZE), "--max-size", str(SIZE), "--out",
+                 str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err[-3000:]
     with open(tmp_path / "out" / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["trial"], r["backbone"], r["status"]) for r in rows] == [
