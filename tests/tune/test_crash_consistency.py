@@ -127,93 +127,108 @@ def test_a_full_disk_fails_the_trial_once_and_resume_finishes_it(tiny_dataset, t
 
 
 # -- damaged checkpoints ----------------------------------------------------------------------
+# Two trials of one run (--lr-grid 1 0.5), resumed once after Ctrl-C with their files damaged
+# in two ways: PARTLY's newest epoch file truncated, every epoch file of WHOLLY truncated.
+PARTLY, WHOLLY = f"{TRIAL}_lr0.005", f"{TRIAL}_lr0.0025"
+DAMAGED_EPOCHS = 6
+
+
 @pytest.fixture(scope="module")
 def interrupted_run(tiny_dataset, tmp_path_factory):
-    """A 4-epoch run stopped by one Ctrl-C once epoch 2 was logged: (run dir, epochs logged).
+    """A run of two trials stopped by one Ctrl-C once both logged epoch 2: (run dir, epochs
+    logged by each trial).
 
-    Tests damage copies of it and resume them (an undamaged resume after Ctrl-C is
-    tests/tune/test_s3_storage.py's, with the run directory in S3). The drain lets the checkpoint in flight
-    land, so 2 or 3 epochs are logged, and epoch 4 is never reached. This run shows its
-    dashboard, as a local run does by default.
+    The drain lets the checkpoints in flight land, so each trial logged 2 or more epochs and
+    none reached the last. This run shows its dashboard, as a local run does by default. (An
+    undamaged resume after Ctrl-C is tests/tune/test_s3_storage.py's, in S3.)
     """
     root = tmp_path_factory.mktemp("interrupted")
     run_dir = root / "logs" / "damaged"
-    trial = run_dir / TRIAL
-    args = [a for a in small_run(tiny_dataset, root / "logs", "damaged", 4)
+    args = [a for a in small_run(tiny_dataset, root / "logs", "damaged", DAMAGED_EPOCHS,
+                                 "--lr-grid", "1", "0.5")
             if a != "--no-dashboard"]
     driver = start(args, root, "first")
     try:
-        signal_once_logged(driver, lambda: len(logged_epochs(trial)), 2)
+        signal_once_logged(driver, lambda: min(len(logged_epochs(run_dir / PARTLY)),
+                                               len(logged_epochs(run_dir / WHOLLY))), 2)
         assert driver.wait(timeout=180) == 130, driver.stderr[-3000:]
     finally:
         driver.kill()
     assert "--resume" in driver.stderr
     # A local run starts Ray's dashboard on the loopback interface only, and says where.
     assert "Ray dashboard: http://127.0.0.1:" in driver.stderr
-    done = logged_epochs(trial)
-    assert done == list(range(1, len(done) + 1)) and 2 <= len(done) < 4
-    assert [int(f.name[6:9]) for f in _epoch_files(trial)] == done
-    assert training_info(trial)["epochs_completed"] == len(done)
-    assert_trained(trial)
-    return run_dir, len(done)
-
-
-def _copy_of(interrupted_run, tmp_path):
-    """A copy of the interrupted run under the same name (hard links become separate files,
-    so damaging an epoch file leaves best_model.pth as it was)."""
-    source, done = interrupted_run
-    run_dir = tmp_path / "logs" / source.name
-    shutil.copytree(source, run_dir)
-    return run_dir, run_dir / TRIAL, done
+    done = {}
+    for name in (PARTLY, WHOLLY):
+        trial = run_dir / name
+        logged = logged_epochs(trial)
+        assert logged == list(range(1, len(logged) + 1))
+        assert 2 <= len(logged) < DAMAGED_EPOCHS, (name, logged)
+        assert [int(f.name[6:9]) for f in _epoch_files(trial)] == logged
+        assert training_info(trial)["epochs_completed"] == len(logged)
+        assert_trained(trial)
+        done[name] = len(logged)
+    return run_dir, done
 
 
 def _truncate_to_half(path) -> None:
     os.truncate(path, path.stat().st_size // 2)
 
 
-def test_a_truncated_newest_checkpoint_is_skipped_and_its_epoch_trained_again(
-        interrupted_run, tmp_path):
-    run_dir, trial, done = _copy_of(interrupted_run, tmp_path)
-    newest = _epoch_files(trial)[-1]
-    assert newest.name.startswith(f"epoch_{done:03d}_")
+@pytest.fixture(scope="module")
+def damaged_resume(interrupted_run, tmp_path_factory):
+    """A copy of the interrupted run, damaged, then resumed: (copy, epochs done by each trial,
+    PARTLY's truncated file, WHOLLY's truncated files, WHOLLY's rows and record before,
+    the resume's result). The copy's hard links become separate files, so damaging an epoch
+    file leaves best_model.pth as it was."""
+    source, done = interrupted_run
+    tmp_path = tmp_path_factory.mktemp("damaged")
+    run_dir = tmp_path / "logs" / source.name
+    shutil.copytree(source, run_dir)
+    newest = _epoch_files(run_dir / PARTLY)[-1]
+    assert newest.name.startswith(f"epoch_{done[PARTLY]:03d}_")
     _truncate_to_half(newest)
-
+    wholly = run_dir / WHOLLY
+    before = (epoch_rows(wholly), batch_rows(wholly), training_info(wholly))
+    damaged = _epoch_files(wholly)
+    assert len(damaged) == done[WHOLLY]
+    for path in damaged:
+        _truncate_to_half(path)
     resumed = _resume(run_dir, tmp_path, "resume")
-    assert resumed.process.returncode == 0, resumed.stderr[-3000:]
-    warnings = [line for line in resumed.stderr.splitlines() if "cannot be read" in line]
+    return run_dir, done, newest, damaged, before, resumed
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_and_its_epoch_trained_again(damaged_resume):
+    run_dir, done, newest, _, _, resumed = damaged_resume
+    trial = run_dir / PARTLY
+    warnings = [line for line in resumed.stderr.splitlines()
+                if "cannot be read" in line and str(trial) in line]
     assert len(warnings) == 1 and str(newest) in warnings[0], warnings
     info = training_info(trial)
     assert info["unreadable_checkpoints"] == [str(newest)]
     # From the epoch before the damaged one, which is trained again.
-    assert info["resumed_at_epochs"] == [done]
+    assert info["resumed_at_epochs"] == [done[PARTLY]]
     assert info["status"] == "completed"
-    assert_epochs_once(trial, 4)
+    assert_epochs_once(trial, DAMAGED_EPOCHS)
 
 
-def test_when_every_checkpoint_is_damaged_the_trial_fails_naming_them(interrupted_run,
-                                                                      tmp_path):
-    run_dir, trial, done = _copy_of(interrupted_run, tmp_path)
-    before = (epoch_rows(trial), batch_rows(trial), training_info(trial))
-    damaged = _epoch_files(trial)
-    assert len(damaged) == done
-    for path in damaged:
-        _truncate_to_half(path)
-
-    resumed = _resume(run_dir, tmp_path, "resume")
+def test_when_every_checkpoint_is_damaged_the_trial_fails_naming_them(damaged_resume):
+    run_dir, _, _, damaged, before, resumed = damaged_resume
+    trial = run_dir / WHOLLY
     assert resumed.process.returncode == 1, resumed.stderr[-3000:]
     failures = [line for line in resumed.stdout.splitlines() if line.startswith("FAILED ")]
     assert len(failures) == 1, resumed.stdout[-3000:]
-    assert failures[0].startswith(f"FAILED {TRIAL}: no epoch checkpoint of ")
+    assert failures[0].startswith(f"FAILED {WHOLLY}: no epoch checkpoint of ")
     summary = json.loads((run_dir / "final_summary.json").read_text())
-    (row,) = summary["results"]
+    row = next(r for r in summary["results"] if r["trial"] == WHOLLY)
     assert row["status"] == "failed"
     for path in damaged:
         assert str(path) in failures[0] and str(path) in row["error"], path
     # Not retried: the files will not mend themselves.
     from ray import tune
 
-    (tune_trial,) = tune.ExperimentAnalysis(str(run_dir)).trials
-    assert tune_trial.num_failures == 1
+    failures_by_trial = {t.config["trial"]["name"]: t.num_failures
+                         for t in tune.ExperimentAnalysis(str(run_dir)).trials}
+    assert failures_by_trial[WHOLLY] == 1
     # A trial that failed before training keeps the earlier attempts' rows and record, with
     # only the verdict added.
     assert (epoch_rows(trial), batch_rows(trial)) == before[:2]
