@@ -39,6 +39,7 @@ from crossdet_ray.tune.resources import (
     cluster_gpu_memory_gb,
     assign_workers,
     parse_gpus_per_trial,
+    check_batch_split,
     parse_workers_per_trial,
     plan_resources,
 )
@@ -369,7 +370,10 @@ def validate(config: LaunchConfig) -> None:
         raise LaunchError(f"--pretrained: {train.pretrained} does not exist")
     # Resource flags too: a typo costs neither a dataset generation nor a cluster start.
     parse_gpus_per_trial(config.gpus_per_trial, train.backbones)
-    parse_workers_per_trial(config.workers_per_trial, train.backbones)
+    workers = parse_workers_per_trial(config.workers_per_trial, train.backbones)
+    if not workers.auto:  # the numbers given: the batch split needs no cluster to check
+        for backbone in train.backbones:
+            check_batch_split(backbone, train.batch_size, int(workers.share_for(backbone)))
     if config.plan_for:
         parse_plan_for(config.plan_for)  # a ResourceError: one line, exit 2
 

@@ -205,6 +205,15 @@ def plan_resources(
     return plan
 
 
+def check_batch_split(backbone: str, batch_size: int, workers: int) -> None:
+    """Each of a trial's data-parallel workers takes an equal share of the global batch."""
+    if batch_size % workers:
+        raise ResourceError(
+            f"{backbone}: --batch-size {batch_size} is not divisible by --workers-per-trial "
+            f"{workers}: each worker takes an equal share of the global batch; pass a "
+            f"--batch-size that is a multiple of {workers}")
+
+
 def assign_workers(plan: dict[str, TrialResources], request: GpuRequest,
                    batch_size: int) -> dict[str, TrialResources]:
     """Each backbone's data-parallel workers (`--workers-per-trial`), checked against its GPUs
@@ -225,11 +234,7 @@ def assign_workers(plan: dict[str, TrialResources], request: GpuRequest,
                 "each worker trains on one whole GPU, so a trial with "
                 f"{whole_gpus} GPUs needs {whole_gpus} workers; pass equal numbers, or leave "
                 "--workers-per-trial at auto")
-        if batch_size % workers:
-            raise ResourceError(
-                f"{backbone}: --batch-size {batch_size} is not divisible by --workers-per-trial "
-                f"{workers}: each worker takes an equal share of the global batch; pass a "
-                f"--batch-size that is a multiple of {workers}")
+        check_batch_split(backbone, batch_size, workers)
         resources = TrialResources(cpu=share.cpu, gpu=share.gpu, workers=workers)
         if resources.data_parallel and resources.worker_cpu < 0.1:
             raise ResourceError(
