@@ -28,8 +28,8 @@ def training_step(model, images, targets):
 
 def test_engine_and_eager_detectors_agree_in_float64():
     torch.manual_seed(0)
-    engine = build_detector("mit_b0", num_classes=3, min_size=96, max_size=160)
-    eager = build_detector("mit_b0", num_classes=3, min_size=96, max_size=160,
+    engine = build_detector("test_mit", num_classes=3, min_size=96, max_size=160)
+    eager = build_detector("test_mit", num_classes=3, min_size=96, max_size=160,
                            fused_attention=False, vectorized_roi_align=False)
     eager.load_state_dict(engine.state_dict())
     engine.double().train()
