@@ -17,11 +17,12 @@ from torch.utils.data import DataLoader
 
 FRAMES, FRAME_SIZE, DATA_SEED = 40, (96, 144), 0
 MAX_OBJECTS, OBJECT_SCALE = 2, (0.35, 0.55)
-# Measured with this test's settings, model seeds 0-3 (seed 0 is the default), epoch 2:
-#   map50 0.622 0.682 0.530 0.517; avg_loss epoch 1 -> 2: 0.686 -> 0.327, 0.688 -> 0.281,
-#   0.703 -> 0.283, 0.706 -> 0.273 (last/first 0.39-0.48).
-# Untrained (the same seeds' starting weights, or lr 1e-7): map50 0.015-0.12, its random boxes
-# on these big objects. The thresholds leave room for another machine's float rounding.
+# Measured with this test's settings (2 threads), model seeds 0 and 1 (0 is the default):
+#   untrained map50 0.004 and 0.009; after epoch 2 0.557 and 0.656; avg_loss epoch 1 -> 2
+#   0.689 -> 0.317 and 0.682 -> 0.281 (last/first 0.46, 0.41). Through the command (one
+#   thread), seeds 0-3 gave 0.52-0.68 at epoch 2, and a detector that cannot learn (lr 1e-7)
+#   0.015-0.12 with its random boxes on these big objects. The thresholds leave room for
+#   another machine's float rounding.
 MIN_MAP50 = 0.35
 MIN_GAIN_OVER_UNTRAINED = 0.2
 MAX_LOSS_RATIO = 0.6
