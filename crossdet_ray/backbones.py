@@ -91,7 +91,6 @@ BACKBONE_REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in (*_SPE
 # the order of the summary.
 BACKBONE_NAMES: tuple[str, ...] = tuple(name for name, spec in BACKBONE_REGISTRY.items()
                                         if not spec.for_tests)
-TEST_BACKBONE = TEST_SPEC.name
 COST_UNIT = "mit_b0"  # relative_cost is 1.0 here
 
 

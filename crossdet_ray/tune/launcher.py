@@ -484,17 +484,26 @@ def refuse_unusable_run_directory(config: LaunchConfig) -> None:
     the dataset are touched; new_run_storage makes the folder later and checks again."""
     run_storage = RunStorage.from_uri(config.train.log_dir).child(config.name)
     if run_storage.is_local:
-        existing = Path(run_storage.root)
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent  # the folders will be made under their nearest ancestor
+        existing = _existing_ancestor(Path(run_storage.root))
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise LaunchError(f"--log-dir: cannot write to {run_storage.uri()}: {existing} is "
                               "not a folder this user can write to; check the path")
     try:
-        taken = run_storage.exists(RUN_CONFIG_FILE)
+        _refuse_taken_name(run_storage)
     except OSError:
-        return  # a bucket that cannot be read now is reported when the run is made
-    if taken:
+        pass  # a bucket that cannot be read now is reported when the run is made
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The path itself if it exists, else its nearest existing parent: where folders not made
+    yet will be made (on that disk)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _refuse_taken_name(run_storage: RunStorage) -> None:
+    if run_storage.exists(RUN_CONFIG_FILE):
         raise LaunchError(f"{run_storage.uri()} already holds a run; pass --resume "
                           f"{run_storage.uri()} to continue it, or another --name")
 
@@ -507,9 +516,7 @@ def new_run_storage(config: LaunchConfig) -> RunStorage:
     except OSError as error:
         raise LaunchError(f"--log-dir: cannot write to {run_storage.uri()}: {error}; check the "
                           "path or bucket and your credentials") from error
-    if run_storage.exists(RUN_CONFIG_FILE):
-        raise LaunchError(f"{run_storage.uri()} already holds a run; pass --resume "
-                          f"{run_storage.uri()} to continue it, or another --name")
+    _refuse_taken_name(run_storage)
     return run_storage
 
 
@@ -522,9 +529,7 @@ def check_disk_space(config: LaunchConfig, specs: list[TrialSpec]) -> None:
     if not log_dir.is_local:
         logger.info("this run will write about %s to %s", estimate.describe(), log_dir.uri())
         return
-    existing = Path(log_dir.root)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent  # the folder will be made on the disk of its parent
+    existing = _existing_ancestor(Path(log_dir.root))
     free = free_bytes(str(existing))
     logger.info("this run will write about %s; %.2f GB is free at %s", estimate.describe(),
                 free / 1e9, log_dir.root)
