@@ -31,6 +31,16 @@ def tiny_dataset(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def quick_start_set(tmp_path_factory):
+    """The quick start's built-in set (`--preset quick`): 40 frames of 96x144 px, seed 0, one
+    or two large objects each (35-55 % of the short side); 32 train and 8 test frames."""
+    from crossdet_ray.synthetic import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("quick_start_set"), 40, seed=0,
+                            sizes=[(96, 144)], max_objects=2, object_scale=(0.35, 0.55))
+
+
 @pytest.fixture
 def tiny_train_config(tiny_dataset):
     from crossdet_ray.config import TrainConfig

@@ -9,14 +9,9 @@ two epochs as the quick start trains.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 import torch
 from torch.utils.data import DataLoader
 
-FRAMES, FRAME_SIZE, DATA_SEED = 40, (96, 144), 0
-MAX_OBJECTS, OBJECT_SCALE = 2, (0.35, 0.55)
 # Measured with this test's settings (2 threads), model seeds 0 and 1 (0 is the default):
 #   untrained map50 0.004 and 0.009; after epoch 2 0.557 and 0.656; avg_loss epoch 1 -> 2
 #   0.689 -> 0.317 and 0.682 -> 0.281 (last/first 0.46, 0.41). Through the command (one
@@ -28,25 +23,16 @@ MIN_GAIN_OVER_UNTRAINED = 0.2
 MAX_LOSS_RATIO = 0.6
 
 
-@pytest.fixture(scope="module")
-def easy_set(tmp_path_factory) -> Path:
-    from crossdet_ray.synthetic import generate_dataset
-
-    return generate_dataset(tmp_path_factory.mktemp("quick_start_set"), FRAMES, seed=DATA_SEED,
-                            sizes=[FRAME_SIZE], max_objects=MAX_OBJECTS,
-                            object_scale=OBJECT_SCALE)
-
-
-def test_mit_b0_learns_the_quick_start_set(easy_set):
+def test_mit_b0_learns_the_quick_start_set(quick_start_set):
     from crossdet_ray.config import TrainConfig
     from crossdet_ray.data import collate_detection
     from crossdet_ray.engine.evaluate import evaluate_coco
     from crossdet_ray.engine.train import build_datasets, build_model, fit
 
     torch.set_num_threads(2)  # the suite runs one test at a time: both cores
-    config = TrainConfig(data=str(easy_set), epochs=2, batch_size=2, lr=0.01, lr_step_size=3,
+    config = TrainConfig(data=str(quick_start_set), epochs=2, batch_size=2, lr=0.01, lr_step_size=3,
                          num_workers=0, backbones=["mit_b0"], min_size=64, max_size=96, seed=0)
-    _, test_set = build_datasets(config, str(easy_set))
+    _, test_set = build_datasets(config, str(quick_start_set))
     assert len(test_set) == 8
     # The weights fit() starts from (build_model seeds torch with config.seed), untrained.
     untrained = build_model(config, "mit_b0", num_classes=2)
@@ -55,7 +41,7 @@ def test_mit_b0_learns_the_quick_start_set(easy_set):
         untrained_map50 = evaluate_coco(untrained, loader, torch.device("cpu"), 2).map50
     del untrained
 
-    summary = fit(config, "mit_b0", str(easy_set))
+    summary = fit(config, "mit_b0", str(quick_start_set))
     map50 = summary.history["map50"]
     losses = summary.history["epoch_losses"]
     assert len(map50) == 2, map50

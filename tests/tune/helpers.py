@@ -228,6 +228,19 @@ def run(args: tuple[str, ...] | list[str], output_dir: Path, label: str,
     return running
 
 
+def run_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`cli.main` in this process, as the script would run it: its exit code and output. For
+    mistakes found before any Ray starts, where the process boundary is not what is tested."""
+    from crossdet_ray import cli
+
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exit_info:  # argparse's own errors
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 def signal_once_logged(driver: "Command", logged: Callable[[], int], epochs: int,
                        signum: int = signal.SIGINT, timeout: float = 240) -> None:
     """Send `signum` to the driver once `logged()` epochs reach `epochs`; fail if it ends first.

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .helpers import epoch_rows, ray_env, training_info
+from .helpers import epoch_rows, ray_env, run_in_process, training_info
 from .helpers import command as _command
 
 pytestmark = pytest.mark.ray
@@ -28,18 +28,6 @@ def _small(tiny_dataset, log_dir, *extra):
             "--no-dashboard", "--no-evaluate", "--verbose", "0", *extra)
 
 
-def _main(capsys, *args: str) -> subprocess.CompletedProcess:
-    """cli.main in this process, as the script would run it: its exit code and output."""
-    from crossdet_ray import cli
-
-    try:
-        code = cli.main(list(args))
-    except SystemExit as exit_info:  # argparse's own errors
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
-
-
 def _assert_one_clear_error(result, *fragments):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -54,13 +42,13 @@ def test_bad_data_stops_with_the_file_named(tmp_path, capsys):
     (data / "labels").mkdir()
     np.save(data / "images" / "f1.npy", np.zeros((32, 32, 5), np.uint8))
     (data / "labels" / "f1.txt").write_text("0 0.5 0.5 0.2 0.2\nzero 0.5 0.5\n")
-    result = _main(capsys, *_small(str(data), tmp_path / "logs"))
+    result = run_in_process(capsys, *_small(str(data), tmp_path / "logs"))
     _assert_one_clear_error(result, "f1.txt")
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
 
 
 def test_missing_data_folder(tmp_path, capsys):
-    result = _main(capsys, *_small(str(tmp_path / "nowhere"), tmp_path / "logs"))
+    result = run_in_process(capsys, *_small(str(tmp_path / "nowhere"), tmp_path / "logs"))
     _assert_one_clear_error(result, "nowhere")
 
 
@@ -72,7 +60,7 @@ def test_missing_data_folder(tmp_path, capsys):
      "--batch-size 3 is not divisible by --workers-per-trial 2"),
 ])
 def test_bad_flag_values(tiny_dataset, tmp_path, capsys, flags, fragment):
-    result = _main(capsys, *_small(tiny_dataset, tmp_path / "logs"), *flags)
+    result = run_in_process(capsys, *_small(tiny_dataset, tmp_path / "logs"), *flags)
     _assert_one_clear_error(result, fragment)
 
 
@@ -148,16 +136,16 @@ def test_flags_reach_the_trial_and_a_failing_trial_exits_1(tiny_dataset, tmp_pat
 def test_user_mistakes_about_the_run_directory_exit_2(tiny_dataset, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    _assert_one_clear_error(_main(capsys, *_small(tiny_dataset, blocker / "logs")), "--log-dir")
+    _assert_one_clear_error(run_in_process(capsys, *_small(tiny_dataset, blocker / "logs")), "--log-dir")
 
     taken = tmp_path / "logs" / "taken"
     taken.mkdir(parents=True)
     (taken / "run_config.json").write_text("{}")
     _assert_one_clear_error(
-        _main(capsys, *_small(tiny_dataset, tmp_path / "logs", "--name", "taken")),
+        run_in_process(capsys, *_small(tiny_dataset, tmp_path / "logs", "--name", "taken")),
         "already holds a run", "--resume")
 
-    _assert_one_clear_error(_main(capsys, "--resume", str(tmp_path / "no_such_run"),
+    _assert_one_clear_error(run_in_process(capsys, "--resume", str(tmp_path / "no_such_run"),
                                   "--no-dashboard", "--no-evaluate"),
                             "--resume", "no_such_run")
 
@@ -197,7 +185,7 @@ def test_flag_values_are_refused_before_any_data_is_generated(tmp_path, monkeypa
     monkeypatch.setenv("HOME", str(cache))
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache / ".cache"))
     monkeypatch.delenv("CROSSDET_CACHE", raising=False)
-    result = _main(capsys, "--synthetic-images", "8", "--synthetic-frame-size", "64",
+    result = run_in_process(capsys, "--synthetic-images", "8", "--synthetic-frame-size", "64",
                    "--log-dir", str(tmp_path / "logs"), *flags)
     _assert_one_clear_error(result, fragment)
     assert "generating" not in result.stderr

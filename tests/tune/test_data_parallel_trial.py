@@ -67,6 +67,7 @@ class Interrupted:
     restarted: dict  # training_info.json of the restarted trial, before the driver was killed
     done: list[int]  # epochs logged when the driver was killed
     announced: int  # the epoch of Tune's saved checkpoint then
+    failures: int  # Tune's count of the trial's failures then
     output: str  # both commands' stdout and stderr
 
 
@@ -97,10 +98,13 @@ def interrupted(tiny_dataset, tmp_path_factory) -> Interrupted:
     # What the resume is handed besides the logs: Tune's saved checkpoint. It trails the rows
     # (a row follows its report), so it can lead them only if the kill fell between the two.
     announced = announced_epoch(run_dir, TRIAL)
+    from ray import tune
+
+    (tune_trial,) = tune.ExperimentAnalysis(str(run_dir)).trials
     resumed_run = _resume(run_dir, root, "resume")
     assert resumed_run.process.returncode == 0, resumed_run.stderr[-3000:]
     assert_trained(trial)
-    return Interrupted(trial, victim, restarted, done, announced,
+    return Interrupted(trial, victim, restarted, done, announced, tune_trial.num_failures,
                        driver.stdout + driver.stderr + resumed_run.stdout + resumed_run.stderr)
 
 
@@ -168,6 +172,7 @@ def test_a_killed_worker_restarts_the_trial_from_its_checkpoint(interrupted):
     assert interrupted.restarted["resumed_at_epochs"] == [2]
     placements = [p["pid"] for p in interrupted.restarted["worker_placements"]]
     assert interrupted.victim not in placements  # new workers
+    assert interrupted.failures == 1  # Tune counted the one failure, and retried it
     summary = json.loads((interrupted.trial.parent / "final_summary.json").read_text())
     (result,) = summary["results"]
     assert result["status"] == "completed"

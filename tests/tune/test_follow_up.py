@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import ROOT, assert_trained, command, epoch_rows, ray_env, run, training_info
+from .helpers import ROOT, assert_trained, command, epoch_rows, ray_env, run, run_in_process, training_info
 
 pytestmark = pytest.mark.ray
 
@@ -142,25 +142,16 @@ def _assert_one_line_exit_2(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-def _main(capsys, *args: str) -> subprocess.CompletedProcess:
-    """The command in this process (the mistake is found before Ray starts)."""
-    from crossdet_ray import cli
-
-    code = cli.main(list(args))
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
-
-
 def test_init_from_a_run_without_the_backbone(tiny_dataset, tmp_path, capsys):
     source = tmp_path / "source"
     (source / "test_mit" / "checkpoints").mkdir(parents=True)
     (source / "test_mit" / "checkpoints" / "best_map_model.pth").write_bytes(b"x")
-    result = _main(capsys, "--data", tiny_dataset, "--backbones", "test_mit", "mit_b1",
+    result = run_in_process(capsys, "--data", tiny_dataset, "--backbones", "test_mit", "mit_b1",
                        "--init-from", str(source), "--log-dir", str(tmp_path / "logs"),
                        "--no-dashboard", "--no-evaluate")
     _assert_one_line_exit_2(result, "--init-from", "mit_b1", "best_map_model.pth")
     assert not (tmp_path / "logs").exists()  # nothing started
-    result = _main(capsys, "--data", tiny_dataset, "--init-from", str(tmp_path / "nowhere"),
+    result = run_in_process(capsys, "--data", tiny_dataset, "--init-from", str(tmp_path / "nowhere"),
                        "--log-dir", str(tmp_path / "logs"), "--no-dashboard", "--no-evaluate")
     _assert_one_line_exit_2(result, "--init-from", "nowhere")
 

@@ -59,12 +59,9 @@ def _one_trial_at_a_time_cpus() -> float:
 
 
 @pytest.fixture(scope="module")
-def easy_dataset(tmp_path_factory) -> Path:
-    from crossdet_ray.synthetic import generate_dataset
-
-    return generate_dataset(tmp_path_factory.mktemp("easy_data"), FRAMES, seed=DATA_SEED,
-                            sizes=[FRAME_SIZE], max_objects=MAX_OBJECTS,
-                            object_scale=OBJECT_SCALE)
+def easy_dataset(quick_start_set) -> Path:
+    """The quick start's set (tests/conftest.py); the test below checks it is this module's."""
+    return quick_start_set
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +110,8 @@ def test_the_easy_set_holds_one_or_two_large_boxes_a_frame(easy_dataset):
     assert min(heights) * FRAME_SIZE[0] >= OBJECT_SCALE[0] * short_side - 0.5
     assert max(heights) * FRAME_SIZE[0] <= OBJECT_SCALE[1] * short_side + 0.5
     metadata = json.loads((easy_dataset / "synthetic.json").read_text())
-    assert (metadata["max_objects"], metadata["object_scale"]) == (2, list(OBJECT_SCALE))
+    assert (metadata["max_objects"], metadata["object_scale"], metadata["seed"]) == (
+        MAX_OBJECTS, list(OBJECT_SCALE), DATA_SEED)
 
 
 def test_the_command_learns_the_easy_set(asha_run):
