@@ -16,7 +16,8 @@
   them; at once is the real command, `experiments/all_backbones.py --gpus-per-trial 0.2`, in a
   subprocess that sees only the first GPU, timed from start to exit (Ray's start-up included).
 
-Prints tables and writes benchmarks/results/gpu_report.json. Without CUDA it exits with one line
+Prints each step measurement as it completes, then the tables; writes
+benchmarks/results/gpu_report.json after each measurement, so a run cut short keeps its figures. Without CUDA it exits with one line
 and code 2.
 """
 
@@ -232,8 +233,14 @@ def main(argv: list[str] | None = None) -> int:
             steps[backbone] = {}
             for name, amp in PRECISIONS.items():
                 config = run_train_config(args, batch_size=args.batch_size, device="cuda", amp=amp)
-                steps[backbone][name] = measure_steps(config, backbone, device, args.warmup,
-                                                      args.steps)
+                record = measure_steps(config, backbone, device, args.warmup, args.steps)
+                steps[backbone][name] = record
+                # A long report can be cut short (a lease, a timeout): show and keep each figure.
+                print(f"{backbone} {name}: " + (record["error"] if "error" in record else
+                      f"{record['step_sec']:.3f} s/step, peak {record['peak_memory_gib']:.2f} GiB"),
+                      flush=True)
+                write_results(args, gpu=gpu_description(device), shape=shape, steps=steps,
+                              wall=None)
 
     wall = None
     if "wall" in args.parts:
