@@ -17,7 +17,8 @@
   subprocess that sees only the first GPU, timed from start to exit (Ray's start-up included).
 
 Prints each step measurement as it completes, then the tables; writes
-benchmarks/results/gpu_report.json after each measurement, so a run cut short keeps its figures. Without CUDA it exits with one line
+benchmarks/results/gpu_report.json after each measurement, so a run cut short keeps its
+figures. Without CUDA it exits with one line
 and code 2.
 """
 
