@@ -154,7 +154,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                            help="asha stops unpromising trials early on test mAP")
     ray_group.add_argument("--keep-checkpoints", type=int, default=None, metavar="N",
                            help="keep only the last N epoch checkpoints; the best and final ones stay "
-                                "(default: all)")
+                                "(default: all; 1 when --log-dir is a bucket)")
     ray_group.add_argument("--no-evaluate", action="store_true",
                            help="do not evaluate the finished trials at the end of the run "
                                 "(experiments/evaluate.py RUN_DIR does it later)")
@@ -302,16 +302,15 @@ def _is_checkpoint_error(error: Exception) -> bool:
 
 def _evaluate_finished_run(outcome) -> str | None:
     """The run ends with its report: every trial's best-mAP checkpoint evaluated, and timed
-    alone, as `experiments/evaluate.py RUN_DIR` would (a run in a bucket is left to that
-    command). The summary's inference figures become those timed alone (the training-time
-    ones were taken while trials shared the device); returns the report's path."""
-    run_dir = outcome.run_dir
-    if "://" in run_dir:
-        print(f"Evaluate it with: python experiments/evaluate.py (on a local copy of {run_dir})")
-        return None
+    alone, as `experiments/evaluate.py RUN_DIR` would, on the cluster the run used; a run in a
+    bucket gets its report there (each task downloads only the checkpoint it scores). The
+    summary's inference figures become those timed alone (the training-time ones were taken
+    while trials shared the device); returns the report's location."""
     from crossdet_ray.analysis import EvaluationError, evaluate, plan_evaluation
     from crossdet_ray.engine.storage import RunStorage
     from crossdet_ray.tune.summary import apply_evaluation_timing, write_summary_files
+
+    run_dir = outcome.run_uri or outcome.run_dir
 
     try:
         evaluation = evaluate(plan_evaluation(run_dir))

@@ -28,10 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate every trial of a crossdet_ray run (or a folder of CrossAttentionDet "
                     "checkpoints) as Ray tasks: COCO metrics, speed, pictures and report.html.")
     parser.add_argument("run_dir", metavar="RUN_DIR",
-                        help="a run directory (with run_config.json), or a folder of checkpoints")
+                        help="a run directory (with run_config.json), its bucket URI "
+                             "(s3://BUCKET/RUNS/NAME, gs://...; the report is written there), "
+                             "or a folder of checkpoints")
     parser.add_argument("--data", default=None,
-                        help="evaluate every labelled frame of this dataset (images/, labels/) "
-                             "instead of the run's own test split")
+                        help="evaluate every labelled frame of this dataset (a folder with images/ "
+                             "and labels/, or a bucket URI) instead of the run's own test split")
     parser.add_argument("--checkpoint", default="best_map",
                         help=f"which checkpoint of each trial: {' | '.join(CHECKPOINT_CHOICES)} "
                              "(best_map: highest test mAP; best: lowest loss; final: last epoch)")

@@ -32,7 +32,6 @@ from crossdet_ray.analysis.sources import (
     TrialSource,
     finite_number,
     plan_evaluation,
-    read_epoch_rows,
 )
 from crossdet_ray.analysis.tasks import TrialJob, accuracy_pass, timing_pass
 from crossdet_ray.engine.run_logs import _csv_text as csv_text
@@ -142,7 +141,7 @@ def _jobs(plan: EvaluationPlan) -> dict[str, TrialJob | TrialSource]:
             name=trial.name, checkpoint=trial.checkpoint, data_dir=plan.data_dir,
             split=plan.split, test_size=plan.test_size, split_seed=plan.split_seed,
             min_size=plan.min_size, max_size=plan.max_size, cpu=cpu, gpu=gpu,
-            batch_size=plan.batch_size)
+            batch_size=plan.batch_size, data_listing=plan.data_listing)
     return jobs
 
 
@@ -230,7 +229,7 @@ def _training_curves(plan: EvaluationPlan, accuracy: dict[str, dict[str, Any]]
     """From each trial's epoch_metrics.csv, else from its checkpoint's saved history."""
     curves = {}
     for trial in plan.trials:
-        rows = read_epoch_rows(trial.epoch_log) if trial.epoch_log else []
+        rows = trial.epoch_rows or []
         if rows:
             curves[trial.name] = {
                 "epoch": [int(r["epoch"]) for r in rows],
@@ -288,11 +287,12 @@ def write_outputs(plan: EvaluationPlan, accuracy: dict[str, dict[str, Any]],
         "max_size": plan.max_size, "trials": rows, "choice": choice,
         "per_class_ap": per_class, "detections": drawings,
         "frame_errors": {name: result["frame_errors"] for name, result in ok.items()},
-        "plan": {k: v for k, v in dataclasses.asdict(plan).items() if k != "trials"},
+        "plan": {k: v for k, v in dataclasses.asdict(plan).items()
+                 if k not in ("trials", "data_listing")},
     }
     out.write_text("results.json", dumps_json(summary))
     out.write_text(REPORT_FILE, render_report(summary, pictures, out))
-    report_path = str(Path(plan.out_dir) / REPORT_FILE)
+    report_path = out.uri(REPORT_FILE)
     logger.info("evaluation report: %s", report_path)
     return EvaluationOutcome(out_dir=plan.out_dir, report_path=report_path, rows=rows,
                              choice=choice)

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import math
-import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from crossdet_ray.data import DatasetError, NpyYoloDataset
+from crossdet_ray.data.remote import (DATASET_LISTING_FILE, RemoteListing, inspect_remote_dataset,
+                                      is_remote, printable_uri)
 from crossdet_ray.engine.inference import backbone_from_name
+from crossdet_ray.engine.storage import RunStorage
 
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -41,7 +45,7 @@ class TrialSource:
     cpu: float | None = None
     gpu: float | None = None
     error: str | None = None
-    epoch_log: str | None = None  # logs/epoch_metrics.csv, for the training curves
+    epoch_rows: list[dict[str, str]] | None = None  # logs/epoch_metrics.csv, for the curves
 
 
 @dataclass
@@ -58,13 +62,15 @@ class EvaluationPlan:
     max_size: int | None = None
     checkpoint_choice: str = "best_map"
     batch_size: int = 2
+    # A bucket dataset (`data` is its URI): each evaluation task's node fetches it once.
+    data_listing: RemoteListing | None = None
 
 
-def read_epoch_rows(path: str | os.PathLike) -> list[dict[str, str]]:
+def read_epoch_rows(trial: RunStorage) -> list[dict[str, str]]:
+    """A trial's epoch_metrics.csv rows ([] when it has none), on a disk or in a bucket."""
     try:
-        with open(path, newline="") as handle:
-            return list(csv.DictReader(handle))
-    except OSError:
+        return list(csv.DictReader(io.StringIO(trial.read_text(EPOCH_LOG))))
+    except (OSError, UnicodeDecodeError):
         return []
 
 
@@ -76,54 +82,59 @@ def finite_number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _local_checkpoint(trial_dir: Path, logged_path: str) -> Path | None:
+def _logged_checkpoint(trial: RunStorage, logged_path: str) -> str | None:
     """The epoch file a row names: at its logged path, or under this trial's checkpoints/
     (the run directory may have moved since)."""
     if not logged_path:
         return None
-    for candidate in (Path(logged_path), trial_dir / "checkpoints" / Path(logged_path).name):
-        if candidate.is_file():
-            return candidate
-    return None
+    if trial.is_local and Path(logged_path).is_file():
+        return logged_path
+    relative = f"checkpoints/{posixpath.basename(logged_path.partition('?')[0])}"
+    return trial.full_uri(relative) if trial.exists(relative) else None
 
 
-def choose_checkpoint(trial_dir: Path, backbone: str, choice: str
+def choose_checkpoint(trial: RunStorage, backbone: str, choice: str
                       ) -> tuple[str | None, int | None, str | None]:
-    """(path, epoch, error) of a trial's `choice` checkpoint.
+    """(location, epoch, error) of a trial's `choice` checkpoint (a path, or a bucket URI
+    that the evaluation task downloads).
 
     best_map: `best_map_model.pth` when the run kept one, else the epoch with the highest test
     mAP in epoch_metrics.csv whose file is still there (an earlier tie wins); best: the lowest
     loss (`best_model.pth`); final: the last epoch's complete checkpoint.
     """
-    checkpoints = trial_dir / "checkpoints"
+    def kept(relative: str) -> str | None:
+        return trial.full_uri(relative) if trial.exists(relative) else None
+
     if choice == "best":
-        path = checkpoints / BEST_LOSS_FILE
-        return (str(path), None, None) if path.is_file() else (
-            None, None, f"no {path}: the trial saved no epoch")
+        relative = f"checkpoints/{BEST_LOSS_FILE}"
+        return (kept(relative), None, None) if kept(relative) else (
+            None, None, f"no {trial.uri(relative)}: the trial saved no epoch")
     if choice == "final":
-        path = checkpoints / f"{backbone}_final_complete.pth"
-        return (str(path), None, None) if path.is_file() else (
-            None, None, f"no {path}: the trial did not finish (try --checkpoint best_map)")
-    if (checkpoints / BEST_MAP_FILE).is_file():
-        return str(checkpoints / BEST_MAP_FILE), None, None
-    rows = read_epoch_rows(trial_dir / EPOCH_LOG)
+        relative = f"checkpoints/{backbone}_final_complete.pth"
+        return (kept(relative), None, None) if kept(relative) else (
+            None, None, f"no {trial.uri(relative)}: the trial did not finish (try --checkpoint "
+            "best_map)")
+    if kept(f"checkpoints/{BEST_MAP_FILE}"):
+        return kept(f"checkpoints/{BEST_MAP_FILE}"), None, None
+    log = trial.uri(EPOCH_LOG)
+    rows = read_epoch_rows(trial)
     if not rows:
-        return None, None, f"no epoch logged in {trial_dir / EPOCH_LOG}: the trial saved no epoch"
+        return None, None, f"no epoch logged in {log}: the trial saved no epoch"
     scored = [(row, finite_number(row.get("map"))) for row in rows]
     scored = [(row, value) for row, value in scored if value is not None]
     if not scored:
-        return None, None, (f"{trial_dir / EPOCH_LOG} has no test mAP (trained without "
-                            "evaluation); use --checkpoint best or final")
+        return None, None, (f"{log} has no test mAP (trained without evaluation); use "
+                            "--checkpoint best or final")
     scored.sort(key=lambda item: (-item[1], int(item[0]["epoch"])))
     for row, _ in scored:
-        path = _local_checkpoint(trial_dir, row.get("checkpoint_path", ""))
+        path = _logged_checkpoint(trial, row.get("checkpoint_path", ""))
         if path is not None:
-            return str(path), int(row["epoch"]), None
-    return None, None, (f"the epoch files of {trial_dir / 'checkpoints'} with a test mAP were "
+            return path, int(row["epoch"]), None
+    return None, None, (f"the epoch files of {trial.uri('checkpoints')} with a test mAP were "
                         "pruned (--keep-checkpoints); use --checkpoint best or final")
 
 
-def _run_trials(run_dir: Path, config: dict[str, Any], choice: str) -> list[TrialSource]:
+def _run_trials(run: RunStorage, config: dict[str, Any], choice: str) -> list[TrialSource]:
     resources = config.get("resources") or {}
     trials = []
     for spec in config.get("trials") or []:
@@ -133,14 +144,14 @@ def _run_trials(run_dir: Path, config: dict[str, Any], choice: str) -> list[Tria
         # One evaluation process per trial: a data-parallel trial's per-worker share.
         cpu = float(share.get("cpu") or 1.0) / workers
         gpu = float(share.get("gpu") or 0.0) / workers
-        trial_dir = run_dir / name
-        if not trial_dir.is_dir():
-            path, epoch, error = None, None, f"no folder {trial_dir}: the trial never started"
+        trial = run.child(name)
+        if not trial.exists(""):
+            path, epoch, error = None, None, f"no folder {trial.uri()}: the trial never started"
         else:
-            path, epoch, error = choose_checkpoint(trial_dir, backbone, choice)
+            path, epoch, error = choose_checkpoint(trial, backbone, choice)
         trials.append(TrialSource(name=name, backbone=backbone, checkpoint=path, epoch=epoch,
                                   cpu=cpu, gpu=gpu, error=error,
-                                  epoch_log=str(trial_dir / EPOCH_LOG)))
+                                  epoch_rows=read_epoch_rows(trial)))
     return trials
 
 
@@ -175,49 +186,78 @@ def plan_evaluation(source: str, *, data: str | None = None, checkpoint: str = "
     for flag, value in (("--min-size", min_size), ("--max-size", max_size)):
         if value is not None and value < 1:
             raise EvaluationError(f"{flag} must be at least 1 (got {value})")
-    if "://" in source:
-        raise EvaluationError(f"{source}: evaluate reads a local run directory; copy the run "
-                              "from its bucket first (e.g. aws s3 sync)")
-    folder = Path(source).expanduser().resolve()
-    if not folder.is_dir():
-        raise EvaluationError(f"{source}: no such run directory; pass the folder that holds "
-                              f"{RUN_CONFIG_FILE} (e.g. training_logs/run_20251107_120000)")
-    if data is not None and not Path(data).expanduser().is_dir():
-        raise EvaluationError(f"--data {data}: no such folder; pass the folder that holds "
-                              "images/ and labels/")
-    run_config_path = folder / RUN_CONFIG_FILE
-    config: dict[str, Any] | None = None
-    if run_config_path.is_file():
+    if is_remote(source):
+        run = RunStorage.from_uri(source.rstrip("/"))
         try:
-            config = json.loads(run_config_path.read_text())
+            found = run.exists("")
+        except OSError as error:
+            raise EvaluationError(f"{printable_uri(source)}: cannot be read ({error}); check the "
+                                  "URI and this machine's credentials") from error
+        if not found or not run.exists(RUN_CONFIG_FILE):
+            raise EvaluationError(f"{printable_uri(source)}: no run directory with a "
+                                  f"{RUN_CONFIG_FILE} there; pass the run's URI (--log-dir/NAME)")
+        if checkpoint_pattern is not None:
+            raise EvaluationError("--checkpoint-pattern reads a local folder; a run in a bucket "
+                                  "is evaluated by its run_config.json")
+    else:
+        folder = Path(source).expanduser().resolve()
+        if not folder.is_dir():
+            raise EvaluationError(f"{source}: no such run directory; pass the folder that holds "
+                                  f"{RUN_CONFIG_FILE} (e.g. training_logs/run_20251107_120000)")
+        run = RunStorage.from_uri(str(folder))
+    if data is not None and not is_remote(data) and not Path(data).expanduser().is_dir():
+        raise EvaluationError(f"--data {data}: no such folder; pass the folder that holds "
+                              "images/ and labels/ (or a bucket URI, s3://BUCKET/PREFIX)")
+    run_config_path = run.uri(RUN_CONFIG_FILE)
+    config: dict[str, Any] | None = None
+    if run.exists(RUN_CONFIG_FILE):
+        try:
+            config = json.loads(run.read_text(RUN_CONFIG_FILE))
         except (OSError, ValueError) as error:
             raise EvaluationError(f"{run_config_path} cannot be read ({error}); is the run "
                                   "directory complete?") from error
     if config is None and data is None:
-        raise EvaluationError(f"{folder} holds no {RUN_CONFIG_FILE} to name its data: pass "
+        raise EvaluationError(f"{run.uri()} holds no {RUN_CONFIG_FILE} to name its data: pass "
                               "--data DIR (every labelled frame there is evaluated)")
     if checkpoint_pattern is not None:
-        trials = _folder_trials(folder, checkpoint_pattern)
+        trials = _folder_trials(Path(run.root), checkpoint_pattern)
     elif config is not None:
-        trials = _run_trials(folder, config, checkpoint)
+        trials = _run_trials(run, config, checkpoint)
         if not trials:
             raise EvaluationError(f"{run_config_path} lists no trials")
     else:
-        trials = _folder_trials(folder, DEFAULT_PATTERN)
+        trials = _folder_trials(Path(run.root), DEFAULT_PATTERN)
     train = (config or {}).get("train") or {}
     plan = EvaluationPlan(
-        source=str(folder), is_run=config is not None, out_dir="", trials=trials,
-        data_dir=str(Path(data).expanduser().resolve()) if data else "",
-        split="all" if data else "test", test_size=float(train.get("test_size", 0.2)),
+        source=run.uri(), is_run=config is not None, out_dir="", trials=trials,
+        data_dir="", split="all" if data else "test",
+        test_size=float(train.get("test_size", 0.2)),
         split_seed=int(train.get("split_seed", 42)),
         min_size=min_size or train.get("min_size"), max_size=max_size or train.get("max_size"),
         checkpoint_choice=checkpoint if checkpoint_pattern is None else checkpoint_pattern,
         batch_size=int(train.get("batch_size") or 2))
-    if not data:
-        plan.data_dir = _run_data_dir(config, run_config_path)
-    plan.out_dir = str(Path(out).expanduser().resolve()) if out else str(folder / "evaluation")
-    _check_frames(plan, "--data" if data else f"the run's dataset ({plan.data_dir})")
+    what = "--data" if data else "the run's dataset"
+    if data and is_remote(data):
+        plan.data_dir, plan.data_listing = _bucket_dataset(data, plan.test_size)
+    elif data:
+        plan.data_dir = str(Path(data).expanduser().resolve())
+    else:
+        plan.data_dir, plan.data_listing = _run_data(config, run)
+    if out:
+        plan.out_dir = out if is_remote(out) else str(Path(out).expanduser().resolve())
+    else:
+        plan.out_dir = run.full_uri("evaluation")
+    if plan.data_listing is None:  # a bucket's was checked by its preflight
+        _check_frames(plan, f"{what} ({plan.data_dir})")
     return plan
+
+
+def _bucket_dataset(uri: str, test_size: float) -> tuple[str, RemoteListing]:
+    try:
+        listing, _report = inspect_remote_dataset(uri, test_size)
+    except DatasetError as error:
+        raise EvaluationError(f"--data: {error}") from error
+    return printable_uri(uri), listing
 
 
 def _check_frames(plan: EvaluationPlan, what: str) -> None:
@@ -231,16 +271,24 @@ def _check_frames(plan: EvaluationPlan, what: str) -> None:
         raise EvaluationError(f"{what}: no labelled frame to evaluate in {plan.data_dir}")
 
 
-def _run_data_dir(config: dict[str, Any], run_config_path: Path) -> str:
-    """The run's dataset: its resolved path, or the synthetic set made again from its spec."""
+def _run_data(config: dict[str, Any], run: RunStorage) -> tuple[str, RemoteListing | None]:
+    """The run's dataset: its folder, its bucket (with the listing the run trained on), or the
+    synthetic set made again from its spec."""
     data = config.get("data") or {}
+    if data.get("kind") == "remote":
+        try:
+            listing = RemoteListing.from_json(run.read_text(DATASET_LISTING_FILE))
+        except (OSError, ValueError) as error:
+            raise EvaluationError(f"the run's dataset listing {run.uri(DATASET_LISTING_FILE)} "
+                                  f"cannot be read ({error}); pass --data URI") from error
+        return printable_uri(data["uri"]), listing
     resolved = data.get("resolved_path") or data.get("path")
     if resolved and (Path(resolved) / "labels").is_dir():
-        return str(resolved)
+        return str(resolved), None
     if data.get("kind") == "synthetic":
         from crossdet_ray.tune.datasets import ensure_dataset
 
         return ensure_dataset({k: v for k, v in data.items()
-                               if k not in ("resolved_path", "report")})
+                               if k not in ("resolved_path", "report")}), None
     raise EvaluationError(f"the run's dataset {resolved or '(none recorded)'} (from "
-                          f"{run_config_path}) is not here; pass --data DIR")
+                          f"{run.uri(RUN_CONFIG_FILE)}) is not here; pass --data DIR")

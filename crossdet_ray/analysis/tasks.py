@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from crossdet_ray.data import NpyYoloDataset
+from crossdet_ray.data.remote import RemoteListing, fetch_remote_dataset
 from crossdet_ray.engine.drawing import draw_detections
 from crossdet_ray.engine.evaluate import measure_inference
 from crossdet_ray.engine.inference import coco_results, detect, frame_errors, load_detector
@@ -42,6 +43,7 @@ class TrialJob:
     cpu: float
     gpu: float
     batch_size: int = 2
+    data_listing: RemoteListing | None = None  # a bucket dataset, fetched once per node
 
 
 def _device(job: TrialJob) -> torch.device:
@@ -50,7 +52,12 @@ def _device(job: TrialJob) -> torch.device:
 
 
 def _dataset(job: TrialJob) -> NpyYoloDataset:
-    return NpyYoloDataset(job.data_dir, split=job.split, test_size=job.test_size,
+    data_dir = job.data_dir
+    if job.data_listing is not None:  # this node's copy, fetched by the first task here
+        from crossdet_ray.tune.datasets import default_cache
+
+        data_dir = fetch_remote_dataset(job.data_listing, default_cache()).path
+    return NpyYoloDataset(data_dir, split=job.split, test_size=job.test_size,
                           seed=job.split_seed)
 
 

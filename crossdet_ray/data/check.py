@@ -13,9 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from crossdet_ray.data.errors import DatasetError
-from crossdet_ray.data.index import IMAGES_DIR, index_dataset
+from crossdet_ray.data.index import IMAGES_DIR, DatasetFiles, FolderFiles, index_dataset
 from crossdet_ray.data.labels import CLIP_TOLERANCE, to_pixel_boxes
-from crossdet_ray.data.npy_header import read_npy_header
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +51,19 @@ class DatasetReport:
         return "\n".join(lines)
 
 
-def check_dataset(data_dir: str | os.PathLike, test_size: float = 0.2) -> DatasetReport:
-    """Validate `data_dir` and describe it; raises DatasetError naming the file to fix."""
-    index = index_dataset(data_dir)
-    images_dir = index.data_dir / IMAGES_DIR
+def check_dataset(data_dir: str | os.PathLike, test_size: float = 0.2,
+                  files: DatasetFiles | None = None) -> DatasetReport:
+    """Validate `data_dir` (or `files`, a bucket read ahead: data/remote.py) and describe it;
+    raises DatasetError naming the file or object to fix."""
+    files = files if files is not None else FolderFiles(data_dir)
+    index = index_dataset(data_dir, files)
     warnings: list[str] = []
 
     heights, widths, dtypes, classes = [], [], Counter(), set()
     num_boxes = clipped = far_outside = dropped = emptied = 0
     first_far_outside = first_dropped = None
     for frame in index.usable:
-        header = read_npy_header(images_dir / frame.file_name)
+        header = files.header(f"{IMAGES_DIR}/{frame.file_name}")
         heights.append(header.height)
         widths.append(header.width)
         dtypes[str(header.dtype)] += 1
@@ -84,7 +85,7 @@ def check_dataset(data_dir: str | os.PathLike, test_size: float = 0.2) -> Datase
     unreadable_unused = []
     for file_name, _reason in index.skipped:
         try:
-            read_npy_header(images_dir / file_name)
+            files.header(f"{IMAGES_DIR}/{file_name}")
         except DatasetError as error:
             unreadable_unused.append(str(error))
 
@@ -117,11 +118,11 @@ def check_dataset(data_dir: str | os.PathLike, test_size: float = 0.2) -> Datase
                         f"test_size={test_size}")
 
     report = DatasetReport(
-        data_dir=str(index.data_dir), num_images=index.num_frames, num_usable=num_usable,
+        data_dir=files.where(), num_images=index.num_frames, num_usable=num_usable,
         num_boxes=num_boxes, classes=sorted(classes), num_classes=index.num_classes,
         num_train=num_usable - num_test, num_test=num_test, skipped=list(index.skipped),
         min_height=min(heights), max_height=max(heights), min_width=min(widths),
         max_width=max(widths), dtypes=sorted(dtypes), warnings=warnings)
     for warning in warnings:
-        logger.warning("%s: %s", index.data_dir, warning)
+        logger.warning("%s: %s", files.where(), warning)
     return report

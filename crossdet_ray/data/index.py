@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from crossdet_ray.data.errors import DatasetError
 from crossdet_ray.data.labels import YoloLabels, read_yolo_labels
+from crossdet_ray.data.npy_header import NpyHeader, read_npy_header
 
 IMAGES_DIR = "images"
 LABELS_DIR = "labels"
@@ -50,35 +52,73 @@ class DatasetIndex:
         return highest + 1
 
 
-def _files_with_suffix(folder: Path, suffix: str) -> dict[str, str]:
-    """{stem: file name} for the plain files in `folder` ending in `suffix`."""
-    found = {}
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.name.endswith(suffix) and entry.is_file():
-                found[entry.name[: -len(suffix)]] = entry.name
-    return found
+class DatasetFiles(Protocol):
+    """Where a dataset's files are read from: a folder here, or a bucket read ahead of time
+    (data/remote.py). The index and the preflight read through it, so both kinds are checked
+    by the same code and their errors name the file or object to fix."""
+
+    def where(self, relative: str = "") -> str:
+        """The path or URI of `relative`, for messages."""
+
+    def names(self, folder: str, suffix: str) -> dict[str, str] | None:
+        """{stem: file name} of the files in `folder` ending in `suffix`; None: no such folder."""
+
+    def labels(self, relative: str) -> YoloLabels: ...
+
+    def header(self, relative: str) -> NpyHeader: ...
 
 
-def index_dataset(data_dir: str | os.PathLike) -> DatasetIndex:
-    """Scan `data_dir`, parsing every label file of a frame.
+class FolderFiles:
+    """A dataset folder on this machine."""
+
+    def __init__(self, data_dir: str | os.PathLike):
+        self.root = Path(data_dir).expanduser()
+
+    def where(self, relative: str = "") -> str:
+        return str(self.root / relative) if relative else str(self.root)
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    def names(self, folder: str, suffix: str) -> dict[str, str] | None:
+        if not (self.root / folder).is_dir():
+            return None
+        found = {}
+        with os.scandir(self.root / folder) as entries:
+            for entry in entries:
+                if entry.name.endswith(suffix) and entry.is_file():
+                    found[entry.name[: -len(suffix)]] = entry.name
+        return found
+
+    def labels(self, relative: str) -> YoloLabels:
+        return read_yolo_labels(self.root / relative)
+
+    def header(self, relative: str) -> NpyHeader:
+        return read_npy_header(self.root / relative)
+
+
+def index_dataset(data_dir: str | os.PathLike, files: DatasetFiles | None = None) -> DatasetIndex:
+    """Scan `data_dir` (or `files`, a bucket read ahead), parsing every label file of a frame.
 
     Raises DatasetError for a missing folder, a label file that does not parse, or a dataset
     without a single usable frame.
     """
-    data_dir = Path(data_dir).expanduser()
-    if not data_dir.is_dir():
-        raise DatasetError(f"{data_dir}: dataset folder not found; pass the folder that holds "
-                           f"{IMAGES_DIR}/ and {LABELS_DIR}/")
-    images_dir, labels_dir = data_dir / IMAGES_DIR, data_dir / LABELS_DIR
-    for folder, content in ((images_dir, "one <name>.npy array (H, W, 5) per frame"),
-                            (labels_dir, "one YOLO <name>.txt per frame")):
-        if not folder.is_dir():
-            raise DatasetError(f"{folder}: folder not found; a dataset holds {IMAGES_DIR}/ "
-                               f"and {LABELS_DIR}/ side by side, {folder.name}/ with {content}")
+    files = files if files is not None else FolderFiles(data_dir)
+    if isinstance(files, FolderFiles) and not files.exists():
+        raise DatasetError(f"{files.where()}: dataset folder not found; pass the folder "
+                           f"that holds {IMAGES_DIR}/ and {LABELS_DIR}/")
+    images_dir, labels_dir = files.where(IMAGES_DIR), files.where(LABELS_DIR)
+    found = {}
+    for folder, suffix, content in (
+            (IMAGES_DIR, FRAME_SUFFIX, "one <name>.npy array (H, W, 5) per frame"),
+            (LABELS_DIR, LABEL_SUFFIX, "one YOLO <name>.txt per frame")):
+        found[folder] = files.names(folder, suffix)
+        if found[folder] is None:
+            raise DatasetError(f"{files.where(folder)}: folder not found; a dataset holds "
+                               f"{IMAGES_DIR}/ and {LABELS_DIR}/ side by side, {folder}/ with "
+                               f"{content}")
 
-    frames = _files_with_suffix(images_dir, FRAME_SUFFIX)
-    label_files = _files_with_suffix(labels_dir, LABEL_SUFFIX)
+    frames, label_files = found[IMAGES_DIR], found[LABELS_DIR]
     usable: list[LabelledFrame] = []
     skipped: list[tuple[str, str]] = []
     for stem, file_name in sorted(frames.items(), key=lambda item: item[1]):
@@ -86,7 +126,7 @@ def index_dataset(data_dir: str | os.PathLike) -> DatasetIndex:
         if label_name is None:
             skipped.append((file_name, NO_LABEL_FILE))
             continue
-        labels = read_yolo_labels(labels_dir / label_name)
+        labels = files.labels(f"{LABELS_DIR}/{label_name}")
         if len(labels) == 0:
             skipped.append((file_name, EMPTY_LABEL_FILE))
             continue
@@ -104,4 +144,4 @@ def index_dataset(data_dir: str | os.PathLike) -> DatasetIndex:
                            f"{orphan_labels[0]}: do the file names match?)")
         raise DatasetError(f"no usable frame: {detail}; each frame <name>.npy needs a "
                            f"{LABELS_DIR}/<name>.txt with at least one box line")
-    return DatasetIndex(data_dir, usable, skipped, orphan_labels)
+    return DatasetIndex(Path(data_dir).expanduser(), usable, skipped, orphan_labels)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -70,35 +71,40 @@ def read_npy_header(path: str | os.PathLike) -> NpyHeader:
     path = Path(path)
     try:
         with open(path, "rb") as stream:
-            version = npy_format.read_magic(stream)
-            if version == (1, 0):
-                shape, fortran_order, dtype = npy_format.read_array_header_1_0(stream)
-            elif version == (2, 0):
-                shape, fortran_order, dtype = npy_format.read_array_header_2_0(stream)
-            else:
-                raise DatasetError(
-                    f"{path}: .npy format version {version[0]}.{version[1]} is not supported "
-                    "(only 1.0 and 2.0, which numpy.save writes for plain arrays); re-save the "
-                    "frame with numpy.save")
-            data_offset = stream.tell()
-            file_size = os.fstat(stream.fileno()).st_size
-    except DatasetError:
-        raise
+            return parse_npy_header(stream, os.fstat(stream.fileno()).st_size, str(path))
     except OSError as error:
         raise DatasetError(f"{path}: cannot be read ({error}); check the file's permissions "
                            "or remove it") from error
+
+
+def parse_npy_header(stream: BinaryIO, file_size: int, where: str) -> NpyHeader:
+    """The header at the start of `stream` (a frame of `file_size` bytes, named `where` in
+    errors), validated: the one parser for a file on disk and the first bytes of an object in
+    a bucket."""
+    try:
+        version = npy_format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran_order, dtype = npy_format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = npy_format.read_array_header_2_0(stream)
+        else:
+            raise DatasetError(
+                f"{where}: .npy format version {version[0]}.{version[1]} is not supported "
+                "(only 1.0 and 2.0, which numpy.save writes for plain arrays); re-save the "
+                "frame with numpy.save")
+        data_offset = stream.tell()
     except (ValueError, SyntaxError, EOFError) as error:
         # numpy raises ValueError for a bad magic string or a garbled header dictionary.
-        raise DatasetError(f"{path}: not a readable .npy file ({error}); re-export the frame "
+        raise DatasetError(f"{where}: not a readable .npy file ({error}); re-export the frame "
                            "with numpy.save or remove it") from error
 
     header = NpyHeader(tuple(int(n) for n in shape), np.dtype(dtype), bool(fortran_order),
                        data_offset, file_size)
-    _validate(path, header)
+    _validate(where, header)
     return header
 
 
-def _validate(path: Path, header: NpyHeader) -> None:
+def _validate(path: str, header: NpyHeader) -> None:
     shape = header.shape
     if len(shape) != 3 or shape[2] != NUM_CHANNELS:
         raise DatasetError(

@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import torch
 
+from crossdet_ray.engine.storage import RunStorage
+
 CHECKPOINT_KEYS = (
     "epoch",
     "backbone",
@@ -172,16 +174,17 @@ class BackgroundWriter:
                 self._executor = None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with weights_only=True; a clear CheckpointError when it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint (a path or a bucket URI) on the CPU with weights_only=True; a clear
+    CheckpointError when it is not one."""
+    storage, name = RunStorage.for_file(path)
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = storage.load_torch_file(name)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"checkpoint {storage.uri(name)} does not exist") from error
     except Exception as error:  # torch raises many types for a corrupt or foreign file
-        raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from error
-    return validate_checkpoint(checkpoint, str(path))
+        raise CheckpointError(f"checkpoint {storage.uri(name)} cannot be read: {error}") from error
+    return validate_checkpoint(checkpoint, storage.uri(name))
 
 
 def validate_checkpoint(checkpoint: Any, source: str) -> dict[str, Any]:

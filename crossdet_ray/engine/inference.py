@@ -21,6 +21,7 @@ from crossdet_ray.backbones import BACKBONE_NAMES, BACKBONE_REGISTRY, is_backbon
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.data import NpyYoloDataset, collate_detection
 from crossdet_ray.engine.checkpoint import CheckpointError
+from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.engine.evaluate import CocoReport, coco_report, predict
 from crossdet_ray.models import build_detector, count_parameters
 
@@ -63,11 +64,12 @@ class CheckpointContents:
 def read_checkpoint(path: str | os.PathLike) -> CheckpointContents:
     """What a checkpoint file holds; CheckpointError naming the file and what is wrong when
     it is not a CrossAttentionDet checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    storage, name = RunStorage.for_file(path)
+    path = storage.uri(name)  # for messages: a path, or the URI without its options
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = storage.load_torch_file(name)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"checkpoint {path} does not exist") from error
     except Exception as error:  # torch raises many types for a corrupt or foreign file
         # torch's first sentence says what failed; the rest is advice about trusting pickles.
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]

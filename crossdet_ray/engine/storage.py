@@ -123,9 +123,12 @@ def _serialized_size(obj: Any) -> int:
 class RunStorage:
     """A directory on a pyarrow filesystem; every write lands whole or not at all."""
 
-    def __init__(self, filesystem: pafs.FileSystem, root: str):
+    def __init__(self, filesystem: pafs.FileSystem, root: str, options: str = ""):
         self.filesystem = filesystem
         self.root = root.rstrip("/") or "/"
+        # A bucket URI's query (endpoint_override=...&scheme=http), kept so `full_uri` opens
+        # the same store from another process.
+        self.options = options
 
     @classmethod
     def from_uri(cls, uri_or_path: str) -> "RunStorage":
@@ -134,7 +137,24 @@ class RunStorage:
             path = str(Path(uri_or_path).expanduser().resolve())
             return cls(pafs.LocalFileSystem(), path)
         filesystem, path = pafs.FileSystem.from_uri(uri_or_path)
-        return cls(filesystem, path)
+        return cls(filesystem, path, uri_or_path.partition("?")[2])
+
+    @classmethod
+    def for_file(cls, location: str | os.PathLike) -> tuple["RunStorage", str]:
+        """(the folder's storage, the file's name) of a path or a bucket URI with its options
+        (`s3://bucket/run/trial/checkpoints/best_map_model.pth?endpoint_override=...`)."""
+        location = str(location)
+        path, _, options = location.partition("?") if "://" in location else (location, "", "")
+        folder, name = posixpath.split(path) if "://" in path else os.path.split(
+            str(Path(path).expanduser().resolve()))
+        return cls.from_uri(f"{folder}?{options}" if options else folder), name
+
+    def load_torch_file(self, relative: str) -> Any:
+        """`load_torch` of a file that must exist: FileNotFoundError (naming it) when not."""
+        if not self.exists(relative) or self.filesystem.get_file_info(
+                self.path(relative)).type != pafs.FileType.File:
+            raise FileNotFoundError(self.uri(relative))
+        return self.load_torch(relative)
 
     @property
     def is_local(self) -> bool:
@@ -144,7 +164,11 @@ class RunStorage:
         return posixpath.join(self.root, relative) if relative else self.root
 
     def child(self, relative: str) -> "RunStorage":
-        return RunStorage(self.filesystem, self.path(relative))
+        return RunStorage(self.filesystem, self.path(relative), self.options)
+
+    def parent(self) -> "RunStorage":
+        """The directory above (a trial's run directory)."""
+        return RunStorage(self.filesystem, posixpath.dirname(self.root), self.options)
 
     def uri(self, relative: str = "") -> str:
         """A printable location: a plain path locally, scheme://path elsewhere."""
@@ -153,6 +177,11 @@ class RunStorage:
             return full
         scheme = {"s3": "s3", "gcs": "gs"}.get(self.filesystem.type_name, self.filesystem.type_name)
         return f"{scheme}://{full}"
+
+    def full_uri(self, relative: str = "") -> str:
+        """`uri` with the bucket URI's options: what `from_uri` opens again, anywhere."""
+        uri = self.uri(relative)
+        return f"{uri}?{self.options}" if self.options and not self.is_local else uri
 
     def makedirs(self, relative: str = "") -> None:
         self.filesystem.create_dir(self.path(relative), recursive=True)

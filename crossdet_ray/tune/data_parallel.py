@@ -39,7 +39,6 @@ from crossdet_ray.engine.parallel import WorkerGroup
 from crossdet_ray.engine.run_logs import ResumePoint
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.engine.train import NullListener, TrainingStopped, fit
-from crossdet_ray.tune.datasets import ensure_dataset
 from crossdet_ray.tune.reporter import TrialReporter, announce_to_tune
 from crossdet_ray.tune.resources import TrialResources, torch_threads_for
 from crossdet_ray.tune.run_control import TrialControl
@@ -174,7 +173,7 @@ def ray_worker_group(device: torch.device) -> WorkerGroup:
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: the engine's fit on its share of each global batch."""
-    from crossdet_ray.tune.trainable import run_fit, trial_device, trial_writer
+    from crossdet_ray.tune.trainable import dataset_for_trial, run_fit, trial_device, trial_writer
 
     config = loop_config["trial_config"]
     trial = config["trial"]
@@ -192,7 +191,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     group = ray_worker_group(device)
     relative = loop_config["resume_relative"]
     resume_from = storage.load_torch(relative) if relative else None
-    data_dir = ensure_dataset(config["data"])
+    # Every worker, on its own node: a bucket dataset is fetched once per node.
+    data_dir, fetched = dataset_for_trial(config, storage, None, None)
 
     if not group.is_main:
         try:
@@ -210,6 +210,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         "per_worker_batch": group.per_worker_batch(train_config.batch_size),
         "worker_placements": placements})
     writer.recovered_entry = loop_config["log_entry"]
+    if fetched:  # the main worker's node; each other node's fetch is in its worker's log
+        writer.info["dataset_fetch"] = fetched
     if loop_config["unreadable"]:
         writer.info["unreadable_checkpoints"] = loop_config["unreadable"]
     control = TrialControl(config.get("run_control"), loop_config["trial_id"])

@@ -1,7 +1,9 @@
-"""Where a trial finds its data: the user's folder, or the built-in synthetic set.
+"""Where a trial finds its data: the user's folder, a bucket's dataset fetched once into the
+node's cache, or the built-in synthetic set.
 
 The synthetic set is deterministic per (size, seed), so a node that lacks it (a fresh cloud
-worker) makes the same bytes itself instead of copying them from the driver.
+worker) makes the same bytes itself instead of copying them from the driver. A bucket dataset
+is checked against the listing the driver's preflight took (data/remote.py).
 """
 
 from __future__ import annotations
@@ -9,10 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from crossdet_ray.data.errors import DatasetError
+from crossdet_ray.data.remote import (DATASET_LISTING_FILE, FetchRecord, RemoteListing,
+                                      fetch_remote_dataset)
 from crossdet_ray.synthetic import generate_dataset
 
 logger = logging.getLogger(__name__)
@@ -54,6 +60,31 @@ def folder_spec(path: str) -> dict[str, Any]:
     return {"kind": "folder", "path": str(Path(path).expanduser().resolve())}
 
 
+def remote_spec(listing: RemoteListing) -> dict[str, Any]:
+    """A bucket dataset: its URI and the fingerprint of the listing every node checks against
+    (the listing itself is a run file, DATASET_LISTING_FILE: too big for Tune's config)."""
+    return {"kind": "remote", "uri": listing.uri, "fingerprint": listing.fingerprint,
+            "files": len(listing.files), "bytes": listing.total_bytes}
+
+
+class DataNotOnNodeError(DatasetError):
+    """A `--data` folder this node does not have: no restart of the trial can mend that."""
+
+
+def check_folder_here(path: str, node: str | None = None) -> None:
+    """DataNotOnNodeError unless `path` holds a dataset's images/ on this node."""
+    images = Path(path) / "images"
+    if images.is_dir() and any(images.iterdir()):
+        return
+    state = "is empty" if Path(path).is_dir() else "does not exist"
+    node = node or socket.gethostname()
+    raise DataNotOnNodeError(
+        f"--data {path} {state} on node {node}: every node that runs a trial opens the dataset "
+        "at that path. Either pass a bucket URI (--data s3://BUCKET/PREFIX or gs://...), "
+        "which each node fetches once into its cache, or mount one filesystem at the same path "
+        "on every node (README: \"Your data on a cluster\")")
+
+
 def synthetic_dir(spec: dict[str, Any], cache: Path | None = None) -> Path:
     size = spec.get("frame_size")
     suffix = f"_{size}px" if size else ""
@@ -65,9 +96,47 @@ def synthetic_dir(spec: dict[str, Any], cache: Path | None = None) -> Path:
 
 
 def ensure_dataset(spec: dict[str, Any], cache: Path | None = None) -> str:
-    """Path of the dataset a spec names, generating the synthetic one when it is missing."""
+    """The path of a folder or synthetic dataset on this node (see `node_dataset`)."""
+    return node_dataset(spec, cache)[0]
+
+
+def node_dataset(spec: dict[str, Any], cache: Path | None = None,
+                 listing: RemoteListing | None = None,
+                 node: str | None = None) -> tuple[str, FetchRecord | None]:
+    """(path on this node, how a bucket dataset got there) of the dataset a spec names.
+
+    A folder is checked to be here (DataNotOnNodeError names `node` when not); a bucket's
+    (`listing`: the run's DATASET_LISTING_FILE) is fetched once into the node's cache; the
+    synthetic one is generated when missing.
+    """
+    cache = default_cache() if cache is None else cache
     if spec["kind"] == "folder":
-        return spec["path"]
+        check_folder_here(spec["path"], node)
+        return spec["path"], None
+    if spec["kind"] == "remote":
+        if listing is None or listing.fingerprint != spec["fingerprint"]:
+            raise DatasetError(f"--data {spec['uri']}: the run's dataset listing is missing or "
+                               "is another dataset's; start the run again")
+        record = fetch_remote_dataset(listing, cache)
+        logger.info("%s", record.describe())
+        return record.path, record
+    return _synthetic_dataset(spec, cache), None
+
+
+def trial_dataset(spec: dict[str, Any], trial_storage) -> tuple[str, FetchRecord | None]:
+    """`node_dataset` for a trial's process: a bucket dataset's listing is read from the run
+    directory (the trial's parent on Tune's storage), and errors name this node."""
+    import ray
+
+    listing = None
+    if spec["kind"] == "remote":
+        listing = RemoteListing.from_json(
+            trial_storage.parent().read_text(DATASET_LISTING_FILE))
+    node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+    return node_dataset(spec, listing=listing, node=node)
+
+
+def _synthetic_dataset(spec: dict[str, Any], cache: Path) -> str:
     target = synthetic_dir(spec, cache)
     if (target / "labels").is_dir():
         return str(target)

@@ -8,68 +8,79 @@ command with one line, and nothing started.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import posixpath
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from crossdet_ray.config import MLFLOW_DEFAULT
+from crossdet_ray.engine.storage import RunStorage
 
 
 class FollowUpError(ValueError):
     """--init-from or --mlflow cannot be honoured; the launcher turns it into a LaunchError."""
 
 
-def _source_trials(run_dir: Path) -> list[dict[str, Any]]:
+def _source_trials(run: RunStorage) -> list[dict[str, Any]]:
     """The source run's trials: from its run_config.json, else its folders (a backbone's
     folder is named after it)."""
     try:
-        return json.loads((run_dir / "run_config.json").read_text())["trials"]
+        return json.loads(run.read_text("run_config.json"))["trials"]
     except (OSError, ValueError, KeyError):
-        return [{"name": p.name, "backbone": p.name} for p in sorted(run_dir.iterdir())
-                if p.is_dir()]
+        selector = pafs.FileSelector(run.root, allow_not_found=True)
+        return [{"name": posixpath.basename(info.path), "backbone": posixpath.basename(info.path)}
+                for info in sorted(run.filesystem.get_file_info(selector), key=lambda i: i.path)
+                if info.type == pafs.FileType.Directory]
 
 
-def _info(trial_dir: Path) -> dict[str, Any]:
+def _info(trial: RunStorage) -> dict[str, Any]:
     from crossdet_ray.engine.run_logs import INFO_FILE  # (run_logs imports torch: only here)
 
     try:
-        return json.loads((trial_dir / INFO_FILE).read_text())
+        return json.loads(trial.read_text(INFO_FILE))
     except (OSError, ValueError):  # none, or damaged: the trial is still a candidate
         return {}
 
 
-def _best_map(trial_dir: Path) -> float:
-    value = _info(trial_dir).get("best_map")
+def _best_map(trial: RunStorage) -> float:
+    value = _info(trial).get("best_map")
     return float(value) if value is not None else float("-inf")
 
 
 def resolve_init_weights(run_dir: str, backbones: list[str]) -> dict[str, dict[str, Any]]:
-    """{backbone: {"path", "trial", "best_map", "best_map_epoch"}} of `run_dir`'s
-    best_map_model.pth for every backbone; among an LR grid's trials, the best one's."""
+    """{backbone: {"path", "trial", "best_map", "best_map_epoch"}} of `run_dir`'s (a folder
+    or a bucket URI) best_map_model.pth for every backbone; among an LR grid's trials, the
+    best one's. "path" is a location every node opens: a path, or the URI with its options."""
     from crossdet_ray.engine.run_logs import BEST_MAP_FILE  # (imports torch: only for --init-from)
 
-    source = Path(run_dir).expanduser().resolve()
-    if not source.is_dir():
+    source = RunStorage.from_uri(run_dir.rstrip("/") if "://" in run_dir else run_dir)
+    try:
+        is_run = source.filesystem.get_file_info(source.root).type == pafs.FileType.Directory \
+            or source.exists("run_config.json")
+    except OSError as error:
+        raise FollowUpError(f"--init-from: {source.uri()} cannot be read ({error})") from error
+    if not is_run:
         raise FollowUpError(f"--init-from: {run_dir} is not a directory; pass a finished run's "
-                            "directory, e.g. training_logs/run_20251107_120000")
+                            "directory (or its bucket URI), e.g. training_logs/run_20251107_120000")
     trials = _source_trials(source)
     chosen: dict[str, dict[str, Any]] = {}
     missing = []
     for backbone in backbones:
         candidates = [t["name"] for t in trials if t.get("backbone") == backbone
-                      and (source / t["name"] / BEST_MAP_FILE).is_file()]
+                      and source.child(t["name"]).exists(BEST_MAP_FILE)]
         if not candidates:
             missing.append(backbone)
             continue
-        name = max(candidates, key=lambda n: _best_map(source / n))
-        info = _info(source / name)
-        chosen[backbone] = {"path": str(source / name / BEST_MAP_FILE), "trial": name,
+        name = max(candidates, key=lambda n: _best_map(source.child(n)))
+        info = _info(source.child(name))
+        chosen[backbone] = {"path": source.child(name).full_uri(BEST_MAP_FILE), "trial": name,
                             "best_map": info.get("best_map"),
                             "best_map_epoch": info.get("best_map_epoch")}
     if missing:
         raise FollowUpError(
-            f"--init-from: {source} has no {BEST_MAP_FILE} for {', '.join(missing)} (it has "
-            f"one for: {', '.join(chosen) or 'no backbone'}); leave those out of --backbones, "
-            "or train them first")
+            f"--init-from: {source.uri()} has no {BEST_MAP_FILE} for {', '.join(missing)} (it "
+            f"has one for: {', '.join(chosen) or 'no backbone'}); leave those out of "
+            "--backbones, or train them first")
     return chosen
 
 

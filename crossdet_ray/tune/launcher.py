@@ -31,7 +31,9 @@ from crossdet_ray.config import TrainConfig
 from crossdet_ray.data import check_dataset
 from crossdet_ray.engine.json_files import dumps_json
 from crossdet_ray.engine.storage import RunStorage
-from crossdet_ray.tune.datasets import ensure_dataset, folder_spec, synthetic_spec
+from crossdet_ray.data.remote import (DATASET_LISTING_FILE, RemoteListing, inspect_remote_dataset,
+                                      is_remote, printable_uri)
+from crossdet_ray.tune.datasets import ensure_dataset, folder_spec, remote_spec, synthetic_spec
 from crossdet_ray.tune.resources import (
     ClusterShape,
     TrialResources,
@@ -80,6 +82,7 @@ from crossdet_ray.tune.trainable import train_backbone
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.json"
+REMOTE_KEEP_CHECKPOINTS = 1  # epoch checkpoints per trial when --log-dir is a bucket
 PLAN_FILE = "plan.json"
 MLFLOW_EXPERIMENT = "crossdet_ray"  # every run's trials, told apart by their run_dir tag
 
@@ -146,6 +149,7 @@ class RunOutcome:
     interrupted: bool
     dashboard_url: str | None
     plan_only: bool = False
+    run_uri: str = ""  # run_dir with a bucket URI's options: what evaluation opens again
     nothing_to_resume: bool = False  # --resume of a run whose every trial had finished
 
     @property
@@ -378,20 +382,36 @@ def validate(config: LaunchConfig) -> None:
         parse_plan_for(config.plan_for)  # a ResourceError: one line, exit 2
 
 
-def resolve_data(config: LaunchConfig) -> dict[str, Any]:
-    """Preflight the dataset (the synthetic one is made first); a DatasetError stops the run."""
-    if config.train.data:
+def resolve_data(config: LaunchConfig) -> tuple[dict[str, Any], RemoteListing | None]:
+    """Preflight the dataset (the synthetic one is made first); a DatasetError stops the run.
+
+    A bucket dataset is read, not downloaded (labels and frame headers): its listing, which
+    every node checks its copy against, is returned to be written into the run directory.
+    """
+    listing = None
+    if is_remote(config.train.data):
+        started = time.monotonic()
+        listing, report = inspect_remote_dataset(config.train.data, config.train.test_size)
+        spec = remote_spec(listing)
+        logger.info("dataset %s: preflight of %d objects (%.1f MB) took %.1f s; each node "
+                    "fetches it once into its cache (CROSSDET_CACHE)",
+                    printable_uri(listing.uri), len(listing.files), listing.total_bytes / 1e6,
+                    time.monotonic() - started)
+        data_dir = printable_uri(listing.uri)
+    elif config.train.data:
         spec = folder_spec(config.train.data)
+        data_dir = spec["path"]
+        report = check_dataset(data_dir, config.train.test_size)
     else:
         spec = synthetic_spec(config.synthetic_images, config.synthetic_seed,
                               config.synthetic_frame_size, config.synthetic_objects)
         logger.info("no --data given: using the built-in synthetic RGB-thermal-event dataset "
                     "(%d frames, seed %d)", config.synthetic_images, config.synthetic_seed)
-    data_dir = ensure_dataset(spec)
-    report = check_dataset(data_dir)
+        data_dir = ensure_dataset(spec)
+        report = check_dataset(data_dir, config.train.test_size)
     logger.info("dataset %s: %d usable frames of %d, %d boxes, %d classes", data_dir,
                 report.num_usable, report.num_images, report.num_boxes, report.num_classes)
-    return {**spec, "resolved_path": data_dir, "report": _report_dict(report)}
+    return {**spec, "resolved_path": data_dir, "report": _report_dict(report)}, listing
 
 
 def _report_dict(report) -> dict[str, Any]:
@@ -406,11 +426,18 @@ def launch(config: LaunchConfig) -> RunOutcome:
         return _resume(config)
     validate(config)
     config.name = config.name or default_run_name()
+    if config.keep_checkpoints is None and is_remote(config.train.log_dir):
+        # Every epoch of five backbones is ~125 GB in a bucket over 30 epochs; best and final
+        # are kept whatever this says.
+        config.keep_checkpoints = REMOTE_KEEP_CHECKPOINTS
+        logger.warning("--log-dir %s is a bucket: keeping the last %d epoch checkpoint of each "
+                       "trial (best and final are always kept); pass --keep-checkpoints N to "
+                       "keep more", printable_uri(config.train.log_dir), REMOTE_KEEP_CHECKPOINTS)
     refuse_unusable_run_directory(config)
     init_weights, tracking_uri = _follow_up(config)
     # The preflight comes before Ray starts, so bad data fails fast with nothing started
     # (overlapping the two would save at most its 1.6 s per 10,000 frames).
-    data = resolve_data(config)
+    data, listing = resolve_data(config)
     specs = trial_specs(config.train.backbones, config.train.lr, config.lr_grid)
     request = parse_gpus_per_trial(config.gpus_per_trial, config.train.backbones)
     dashboard_url = None
@@ -434,6 +461,8 @@ def launch(config: LaunchConfig) -> RunOutcome:
 
     check_disk_space(config, specs)
     run_storage = new_run_storage(config)
+    if listing is not None:  # before any trial starts: each node's copy is checked against it
+        run_storage.write_text(DATASET_LISTING_FILE, listing.to_json())
     param_space = {
         "trial": tune.grid_search([dataclasses.asdict(s) for s in start_order(specs)]),
         "train": config.train.to_dict(),
@@ -543,7 +572,8 @@ def check_disk_space(config: LaunchConfig, specs: list[TrialSpec]) -> None:
 def _write_plan_only(config: LaunchConfig, plan: Plan) -> RunOutcome:
     run_storage = new_run_storage(config)
     run_storage.write_text(PLAN_FILE, dumps_json(plan.to_dict()))
-    return RunOutcome(run_dir=run_storage.uri(), summary={"plan": plan.to_dict()},
+    return RunOutcome(run_dir=run_storage.uri(), run_uri=run_storage.full_uri(),
+                      summary={"plan": plan.to_dict()},
                       interrupted=False, dashboard_url=None, plan_only=True)
 
 
@@ -599,7 +629,8 @@ def _resume(config: LaunchConfig) -> RunOutcome:
     original.dashboard, original.dashboard_host = config.dashboard, config.dashboard_host
     finished = _finished_summary(run_storage)
     if finished is not None:
-        return RunOutcome(run_dir=run_storage.uri(), summary=finished, interrupted=False,
+        return RunOutcome(run_dir=run_storage.uri(), run_uri=run_storage.full_uri(),
+                          summary=finished, interrupted=False,
                           dashboard_url=None, nothing_to_resume=True)
     if not tune.Tuner.can_restore(run_storage.root, storage_filesystem=run_storage.filesystem):
         raise LaunchError(f"--resume: {run_uri} has no Tune experiment state to resume "
@@ -676,7 +707,8 @@ def _fit_and_summarise(tuner: tune.Tuner, config: LaunchConfig, run_storage: Run
         logger.exception("could not check the trials' last reported epochs")
     summary = summarise_run(run_storage, config.to_dict(), results, wall_time,
                             interrupted=interrupted, run_error=run_error)
-    return RunOutcome(run_dir=run_storage.uri(), summary=summary,
+    return RunOutcome(run_dir=run_storage.uri(), run_uri=run_storage.full_uri(),
+                      summary=summary,
                       interrupted=summary["interrupted"], dashboard_url=dashboard_url)
 
 

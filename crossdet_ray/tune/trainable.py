@@ -76,6 +76,28 @@ def trial_writer(config: dict[str, Any], trial_storage: RunStorage, train_config
                     "resources": config["resources"][trial["backbone"]], **extra_info})
 
 
+def dataset_for_trial(config: dict[str, Any], trial_storage: RunStorage,
+                      writer: SeedLogWriter | None, control: TrialControl | None
+                      ) -> tuple[str, dict[str, Any] | None]:
+    """The trial's dataset on this node, and how a bucket's got here (for training_info.json).
+
+    A folder this node lacks, or a bucket object changed since the preflight, fails the trial
+    without a retry: a restart would find the same.
+    """
+    from crossdet_ray.data.remote import DatasetChangedError
+    from crossdet_ray.tune.datasets import DataNotOnNodeError, trial_dataset
+
+    try:
+        data_dir, fetched = trial_dataset(config["data"], trial_storage)
+    except (DataNotOnNodeError, DatasetChangedError) as error:
+        if writer is not None:
+            writer.mark_failed(str(error), failure_kind="data")
+        if control is not None:
+            control.forbid_retry()
+        raise
+    return data_dir, (fetched.to_dict() if fetched is not None else None)
+
+
 def run_fit(train: Callable[[], Any], writer: SeedLogWriter, control: TrialControl,
             trial_name: str) -> bool:
     """Run `train`, recording a failure in the trial's files; False when stopped on request."""
@@ -161,7 +183,6 @@ def _train_here(config: dict[str, Any], train_config: TrainConfig, resources: Tr
 
     from crossdet_ray.engine.host_memory import retain_freed_host_memory
     from crossdet_ray.engine.train import fit
-    from crossdet_ray.tune.datasets import ensure_dataset
     from crossdet_ray.tune.reporter import TrialReporter
 
     trial = config["trial"]
@@ -179,7 +200,9 @@ def _train_here(config: dict[str, Any], train_config: TrainConfig, resources: Tr
         writer.info["unreadable_checkpoints"] = resume.unreadable
     # Ctrl-C: finish and announce the epoch being saved, accept no other; Tune then stops us.
     control.watch_for_stop(writer.close_for_stop)
-    data_dir = ensure_dataset(config["data"])
+    data_dir, fetched = dataset_for_trial(config, trial_storage, writer, control)
+    if fetched:
+        writer.info["dataset_fetch"] = fetched
     return run_fit(
         lambda: fit(train_config, trial["backbone"], data_dir, listener=TrialReporter(writer),
                     resume_from=resume.checkpoint, device=device),

@@ -13,6 +13,7 @@ from crossdet_ray.analysis.plots import pareto_front
 from crossdet_ray.analysis.sources import EvaluationPlan, TrialSource, choose_checkpoint
 from crossdet_ray.engine.checkpoint import CheckpointError
 from crossdet_ray.engine.inference import backbone_from_name, read_checkpoint
+from crossdet_ray.engine.storage import RunStorage
 from tests.analysis.runs import write_trial
 
 
@@ -35,17 +36,18 @@ def test_pareto_front_and_choice():
 def test_best_map_falls_back_to_the_best_epoch_still_on_disk(tmp_path):
     trial = write_trial(tmp_path, "test_mit", "test_mit", maps=[0.4, 0.9, 0.2], seed=0)
     (trial / "checkpoints" / "epoch_002_loss_0.5000.pth").unlink()  # pruned
-    path, epoch, error = choose_checkpoint(trial, "test_mit", "best_map")
+    storage = RunStorage.from_uri(str(trial))
+    path, epoch, error = choose_checkpoint(storage, "test_mit", "best_map")
     assert (epoch, error) == (1, None) and path.endswith("epoch_001_loss_1.0000.pth")
     # A best_map_model.pth kept by the run is preferred.
     (trial / "checkpoints" / "best_map_model.pth").hardlink_to(
         trial / "checkpoints" / "epoch_003_loss_0.3333.pth")
-    assert choose_checkpoint(trial, "test_mit", "best_map")[0].endswith("best_map_model.pth")
-    assert choose_checkpoint(trial, "test_mit", "best")[0].endswith("best_model.pth")
-    assert choose_checkpoint(trial, "test_mit", "final")[0].endswith(
+    assert choose_checkpoint(storage, "test_mit", "best_map")[0].endswith("best_map_model.pth")
+    assert choose_checkpoint(storage, "test_mit", "best")[0].endswith("best_model.pth")
+    assert choose_checkpoint(storage, "test_mit", "final")[0].endswith(
         "test_mit_final_complete.pth")
     (trial / "checkpoints" / "test_mit_final_complete.pth").unlink()
-    path, _, error = choose_checkpoint(trial, "test_mit", "final")
+    path, _, error = choose_checkpoint(storage, "test_mit", "final")
     assert path is None and "did not finish" in error
 
 
