@@ -1,10 +1,15 @@
-"""Trials on a three-node Ray cluster on one machine: a CPU head and two logical-GPU workers."""
+"""Trials on a three-node Ray cluster on one machine: a CPU head and two logical-GPU workers,
+each with a cache folder of its own, training from a dataset in a bucket (a real S3-compatible
+server that counts its requests)."""
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
+
+from crossdet_ray.data.remote import COMPLETE_MARK
 
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.tune.launcher import LaunchConfig, launch
@@ -15,7 +20,7 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture
-def three_nodes(private_ray_tmpdir):
+def three_nodes(private_ray_tmpdir, s3_server, tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
@@ -24,7 +29,9 @@ def three_nodes(private_ray_tmpdir):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0,
                                                             "include_dashboard": False})
     try:
-        workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+        # Each node's own CROSSDET_CACHE, as separate machines would have.
+        workers = [cluster.add_node(num_cpus=2, num_gpus=1, env_vars={
+            "CROSSDET_CACHE": str(tmp_path / f"cache_node{i}")}) for i in range(2)]
         ray.init(address=cluster.address)
         cluster.wait_for_nodes()
         yield cluster, workers
@@ -33,16 +40,18 @@ def three_nodes(private_ray_tmpdir):
         cluster.shutdown()
 
 
-def _config(tiny_dataset, log_dir, name, epochs):
-    train = TrainConfig(data=tiny_dataset, epochs=epochs, batch_size=2, num_workers=0,
+def _config(data, log_dir, name, epochs):
+    train = TrainConfig(data=data, epochs=epochs, batch_size=2, num_workers=0,
                         backbones=["test_mit"], min_size=64, max_size=64, log_dir=str(log_dir))
     # One trial per worker node at a time: each wants the node's whole GPU.
     return LaunchConfig(train=train, name=name, verbose=0, cpus_per_trial=1,
                         gpus_per_trial="1", lr_grid=[0.5, 1.0], max_failures=3)
 
 
-def test_trials_spread_and_survive_a_lost_node(three_nodes, tiny_dataset, tmp_path):
+def test_trials_spread_fetch_a_bucket_dataset_once_per_node_and_survive_a_lost_node(
+        three_nodes, s3_server, tiny_dataset, tmp_path):
     cluster, workers = three_nodes
+    frames = [k for k in s3_server.upload(tiny_dataset, "tiny") if "/images/" in k]
     worker_ids = {w.node_id for w in workers}
     run_dir = tmp_path / "multinode"
     names = ["test_mit_lr0.0025", "test_mit_lr0.005"]
@@ -66,7 +75,7 @@ def test_trials_spread_and_survive_a_lost_node(three_nodes, tiny_dataset, tmp_pa
 
     watcher = threading.Thread(target=remove_a_node_once_both_logged_an_epoch, daemon=True)
     watcher.start()
-    outcome = launch(_config(tiny_dataset, tmp_path, "multinode", epochs=4))
+    outcome = launch(_config(s3_server.uri("tiny"), tmp_path, "multinode", epochs=4))
     watcher.join(timeout=5)
 
     assert "epochs" in removed, f"no node was removed, or its trial lived on: {removed}"
@@ -85,3 +94,17 @@ def test_trials_spread_and_survive_a_lost_node(three_nodes, tiny_dataset, tmp_pa
     assert moved["node_id"] == survivor, "the trial did not move to the other node"
     # Exactly after the last epoch logged when its node went: nothing logged was trained again.
     assert moved["resumed_at_epochs"] == [removed["epochs"] + 1]
+
+    # The dataset: one verified copy in each worker node's cache, each frame downloaded once
+    # per node (the moved trial re-used the survivor's copy); none on the head.
+    copies = {i: sorted((tmp_path / f"cache_node{i}" / "remote").glob(f"tiny-*/{COMPLETE_MARK}"))
+              for i in range(2)}
+    assert [len(c) for c in copies.values()] == [1, 1], copies
+    for marks in copies.values():
+        folder = marks[0].parent
+        assert {p.name: p.read_bytes() for p in (folder / "images").iterdir()} == {
+            p.name: p.read_bytes() for p in (Path(tiny_dataset) / "images").iterdir()}
+    assert {s3_server.full_downloads(k) for k in frames} == {2}
+    assert moved["dataset_fetch"]["reused"] is True
+    first = [training_info(run_dir / n).get("dataset_fetch") for n in names]
+    assert all(f and f["fingerprint"] == first[0]["fingerprint"] for f in first)
