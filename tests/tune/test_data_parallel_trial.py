@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.s3 import S3_CREDENTIALS, S3Server
+
 from .helpers import (
     announced_epoch,
     assert_epochs_once,
@@ -50,9 +52,9 @@ WORKERS = 2
 GLOBAL_BATCH = 4
 
 
-def _two_worker_run(tiny_dataset: str, log_dir: Path, name: str, *extra: str) -> tuple[str, ...]:
+def _two_worker_run(data: str, log_dir: Path, name: str, *extra: str) -> tuple[str, ...]:
     # Two CPUs: 0.1 for the trial's own process, 0.95 for each worker (one torch thread).
-    return small_run(tiny_dataset, log_dir, name, EPOCHS, "--workers-per-trial", str(WORKERS),
+    return small_run(data, log_dir, name, EPOCHS, "--workers-per-trial", str(WORKERS),
                      "--batch-size", str(GLOBAL_BATCH), "--cpus-per-trial", "2", *extra)
 
 
@@ -72,12 +74,26 @@ class Interrupted:
 
 
 @pytest.fixture(scope="module")
-def interrupted(tiny_dataset, tmp_path_factory) -> Interrupted:
+def bucket(tiny_dataset, tmp_path_factory):
+    """The tiny set in a bucket, and this node's cache for it (the two workers share it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in {**S3_CREDENTIALS,
+                           "CROSSDET_CACHE": str(tmp_path_factory.mktemp("node_cache"))}.items():
+            patch.setenv(key, value)
+        server = S3Server()
+        frames = [k for k in server.upload(tiny_dataset, "tiny") if "/images/" in k]
+        yield server, frames
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def interrupted(bucket, tmp_path_factory) -> Interrupted:
+    server, frames = bucket
     root = tmp_path_factory.mktemp("interrupted")
     run_dir = root / "logs" / "twice"
     trial = run_dir / TRIAL
-    driver = start(_two_worker_run(tiny_dataset, root / "logs", "twice", "--max-failures", "1"),
-                   root, "first")
+    driver = start(_two_worker_run(server.uri("tiny"), root / "logs", "twice", "--max-failures",
+                                   "1"), root, "first")
     try:
         if not poll_until(lambda: logged_epochs(trial) == [1], timeout=240,
                           process=driver.process):
@@ -104,6 +120,9 @@ def interrupted(tiny_dataset, tmp_path_factory) -> Interrupted:
     resumed_run = _resume(run_dir, root, "resume")
     assert resumed_run.process.returncode == 0, resumed_run.stderr[-3000:]
     assert_trained(trial)
+    # --data s3://...: both workers (and their restarts, and the resumed run's) on this one
+    # node fetched each frame once between them.
+    assert {server.full_downloads(k) for k in frames} == {1}
     return Interrupted(trial, victim, restarted, done, announced, tune_trial.num_failures,
                        driver.stdout + driver.stderr + resumed_run.stdout + resumed_run.stderr)
 
@@ -119,6 +138,7 @@ def test_training_info_records_the_workers_and_their_share(finished_trial):
     assert info["status"] == "completed"
     assert (info["workers"], info["per_worker_batch"]) == (WORKERS, GLOBAL_BATCH // WORKERS)
     assert info["host_memory_retained"] is True
+    assert info["dataset_fetch"]["reused"] is True  # the resumed run's: the node's copy
     placements = info["worker_placements"]
     assert sorted(p["rank"] for p in placements) == [0, 1]
     assert len({p["pid"] for p in placements}) == WORKERS  # two processes, not one
