@@ -45,3 +45,20 @@ def test_only_ssh_is_open_and_dashboard_binds_to_localhost(cluster_config):
 def test_every_node_installs_the_project(cluster_config):
     assert cluster_config["file_mounts"]["~/crossdet_ray"] == "."
     assert any("pip install" in c and "crossdet_ray" in c for c in cluster_config["setup_commands"])
+
+
+def test_every_worker_type_has_an_instance_profile_for_the_buckets(cluster_config):
+    # Tune uploads each trial's checkpoints from the trial's node, and the node fetches the
+    # bucket dataset itself: Ray's launcher gives the head a profile, the workers none.
+    head = cluster_config["head_node_type"]
+    workers = {name: node for name, node in cluster_config["available_node_types"].items()
+               if name != head}
+    for name, node in workers.items():
+        profile = node["node_config"].get("IamInstanceProfile") or {}
+        assert profile.get("Arn", "").startswith("arn:aws:iam::"), name
+        assert ":instance-profile/" in profile["Arn"], name
+    # The policy the comments ask for: read the data bucket, write (and prune) the run bucket.
+    text = (ROOT / "cluster.yaml").read_text()
+    for action in ("s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject",
+                   "iam:PassRole"):
+        assert action in text, action
