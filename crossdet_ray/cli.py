@@ -73,8 +73,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                              + " (all five backbones in about 5 minutes on 2 CPU cores)")
     seed = parser.add_argument_group("training (the reference script's flags)")
     seed.add_argument("--data", default=None,
-                      help="data directory with images/ and labels/ (default: the built-in "
-                           "synthetic RGB-thermal-event data)")
+                      help="data directory with images/ and labels/, or a bucket URI "
+                           "(s3://BUCKET/PREFIX, gs://...) each node fetches once (default: the "
+                           "built-in synthetic RGB-thermal-event data)")
     seed.add_argument("--epochs", type=int, default=defaults.epochs,
                       help="epochs per backbone")
     seed.add_argument("--batch-size", type=int, default=defaults.batch_size,

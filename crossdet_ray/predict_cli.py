@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "score) and OUT/drawings/<stem>.png (RGB | thermal | event).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoint", help="a full checkpoint, e.g. "
-                        "RUN_DIR/mit_b0/checkpoints/best_map_model.pth")
+                        "RUN_DIR/mit_b0/checkpoints/best_map_model.pth, or its bucket URI "
+                        "(s3://BUCKET/RUNS/NAME/mit_b0/checkpoints/best_map_model.pth)")
     parser.add_argument("input", help="a .npy frame (H, W, 5) or a folder of them")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--score-threshold", type=float, default=0.05,

@@ -4,6 +4,7 @@ ask; a cut download resumes; an object changed after the preflight is refused by
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -178,3 +179,38 @@ def test_a_cut_download_resumes_and_an_object_changed_since_the_preflight_is_ref
     assert f"s3://{s3_server.BUCKET}/{frame_key}" in str(raised.value)
     assert "changed after the run's preflight" in str(raised.value)
     assert not list((other / "remote").glob(f"*/{COMPLETE_MARK}")), "a changed set was kept"
+
+
+def test_init_from_and_checkpoint_loading_take_bucket_uris(s3_server):
+    import torch
+
+    from crossdet_ray.engine.checkpoint import CheckpointError
+    from crossdet_ray.engine.inference import read_checkpoint
+    from crossdet_ray.tune.follow_up import resolve_init_weights
+
+    def put(key: str, body: bytes) -> None:
+        s3_server.client.put_object(Bucket=s3_server.BUCKET, Key=key, Body=body)
+
+    put("runs/old/run_config.json", json.dumps({"trials": [
+        {"name": "test_mit_lr0.01", "backbone": "test_mit"},
+        {"name": "test_mit_lr0.02", "backbone": "test_mit"}]}).encode())
+    for name, best in (("test_mit_lr0.01", 0.2), ("test_mit_lr0.02", 0.4)):
+        put(f"runs/old/{name}/checkpoints/best_map_model.pth", b"not a checkpoint")
+        put(f"runs/old/{name}/logs/training_info.json", json.dumps({"best_map": best}).encode())
+
+    chosen = resolve_init_weights(s3_server.uri("runs/old"), ["test_mit"])["test_mit"]
+    assert chosen["trial"] == "test_mit_lr0.02"  # the better of the grid
+    # A location any node opens again: the URI with the server's options.
+    assert chosen["path"] == s3_server.uri("runs/old/test_mit_lr0.02/checkpoints/"
+                                           "best_map_model.pth")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        read_checkpoint(chosen["path"])
+    buffer = io.BytesIO()
+    torch.save({"weights": torch.zeros(2)}, buffer)
+    put("runs/old/foreign/mit_b0_other.pth", buffer.getvalue())
+    with pytest.raises(CheckpointError, match="is not a CrossAttentionDet checkpoint") as raised:
+        read_checkpoint(s3_server.uri("runs/old/foreign/mit_b0_other.pth"))
+    assert f"s3://{s3_server.BUCKET}/runs/old/foreign/mit_b0_other.pth" in str(raised.value)
+    assert "endpoint_override" not in str(raised.value)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(s3_server.uri("runs/old/none/mit_b0_final.pth"))
