@@ -56,9 +56,10 @@ def is_remote(location: str | os.PathLike | None) -> bool:
 
 
 def printable_uri(uri: str) -> str:
-    """The URI without its query (endpoint and credentials options), for messages."""
+    """The URI without its query (endpoint options) or any key in it, for messages."""
     parts = urlsplit(uri)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}".rstrip("/")
+    host = parts.netloc.rpartition("@")[2]  # s3://KEY:SECRET@bucket/...: never printed
+    return f"{parts.scheme}://{host}{parts.path}".rstrip("/")
 
 
 @dataclass(frozen=True)

@@ -45,3 +45,24 @@ def test_a_data_folder_missing_on_the_trials_node_fails_it_unretried(tiny_datase
     assert row["status"] == "failed" and row["failure_kind"] == "data"
     assert "does not exist on node" in row["error"]
     assert "does not exist on node" in result.stdout  # the closing table
+
+
+def test_a_malformed_bucket_dataset_stops_the_command_before_ray_starts(s3_server, tiny_dataset,
+                                                                       tmp_path, capsys):
+    import ray
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dataset, broken)
+    label = sorted((broken / "labels").glob("*.txt"))[1]
+    label.write_text("7 0.5 0.5\n")  # three numbers short
+    s3_server.upload(broken, "broken")
+
+    result = run_in_process(capsys, *small_run(s3_server.uri("broken"), tmp_path / "logs",
+                                               "never", 1))
+
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("crossdet_ray: error: ")
+    assert f"s3://{s3_server.BUCKET}/broken/labels/{label.name}" in line
+    assert "Traceback" not in result.stderr
+    assert not ray.is_initialized() and not (tmp_path / "logs" / "never").exists()
