@@ -706,7 +706,8 @@ def _fit_and_summarise(tuner: tune.Tuner, config: LaunchConfig, run_storage: Run
     except Exception:
         logger.exception("could not check the trials' last reported epochs")
     summary = summarise_run(run_storage, config.to_dict(), results, wall_time,
-                            interrupted=interrupted, run_error=run_error)
+                            interrupted=interrupted, run_error=run_error,
+                            terminated=control is not None and control.terminated.is_set())
     return RunOutcome(run_dir=run_storage.uri(), run_uri=run_storage.full_uri(),
                       summary=summary,
                       interrupted=summary["interrupted"], dashboard_url=dashboard_url)

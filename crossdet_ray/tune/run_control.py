@@ -95,7 +95,8 @@ class RunControlCallback(tune.Callback):
         self.control = control
         self.max_failures = max_failures
         self.drain_timeout = drain_timeout
-        self.drain_requested = threading.Event()  # set by the SIGINT handler
+        self.drain_requested = threading.Event()  # set by the SIGINT/SIGTERM handler
+        self.terminated = threading.Event()  # the stop came as SIGTERM
         self.stop_now = threading.Event()
         self._drain_started: float | None = None
         self._next_poll = 0.0
@@ -173,34 +174,41 @@ class RunControlCallback(tune.Callback):
 
 @contextmanager
 def graceful_interrupt(callback: RunControlCallback) -> Iterator[None]:
-    """Route Ctrl-C to `callback` while Tune runs: once = drain, twice = stop, thrice = raise."""
+    """Route Ctrl-C and SIGTERM (`ray job stop`, a scheduler's kill) to `callback` while Tune
+    runs: once = drain, twice = stop, thrice = raise. `callback.terminated` records a SIGTERM,
+    for the exit code (143, not Ctrl-C's 130)."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread; Tune's own then apply
         return
     presses = 0
 
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):
         nonlocal presses
         presses += 1
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if signum == signal.SIGTERM:
+            callback.terminated.set()
         if presses == 1:
-            logger.warning("Ctrl-C: letting every trial finish and report the checkpoint it is "
-                           "writing, then stopping (Ctrl-C again to stop at once)")
+            logger.warning("%s: letting every trial finish and report the checkpoint it is "
+                           "writing, then stopping (%s again to stop at once)", name, name)
             callback.drain_requested.set()
         elif presses == 2:
-            logger.warning("Ctrl-C again: stopping now; --resume continues after each "
-                           "trial's last logged epoch")
+            logger.warning("%s again: stopping now; --resume continues after each "
+                           "trial's last logged epoch", name)
             callback.stop_now.set()
             os.kill(os.getpid(), signal.SIGUSR1)
         else:
             raise KeyboardInterrupt
 
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    previous = {signum: signal.signal(signum, on_signal)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     previous_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # keep Tune from replacing ours
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if previous_env is None:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:

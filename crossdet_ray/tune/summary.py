@@ -47,12 +47,14 @@ SUMMARY_COLUMNS = (
     "final_model_path", "final_complete_path",
 )
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
 MEASURED_ALONE = "alone (evaluation)"
 
 
 def summarise_run(run_storage: RunStorage, run_config: dict[str, Any], results,
                   wall_time_sec: float, interrupted: bool = False,
-                  run_error: BaseException | None = None) -> dict[str, Any]:
+                  run_error: BaseException | None = None,
+                  terminated: bool = False) -> dict[str, Any]:
     """Record each errored trial's failure in its files, then build and write the summary.
 
     Never raises: whatever ended the run (a trial killed for memory, `tuner.fit()` raising),
@@ -76,6 +78,9 @@ def summarise_run(run_storage: RunStorage, run_config: dict[str, Any], results,
             verdicts.get(r["trial"]), "status", None) in UNFINISHED)
         for r in summary["results"])
     summary["run_error"] = "; ".join(problems) or None
+    # SIGTERM (`ray job stop`, a batch scheduler) drains as Ctrl-C does; only the exit differs.
+    summary["interrupted_by"] = ("SIGTERM" if terminated else "SIGINT") if summary[
+        "interrupted"] else None
     try:
         write_summary_files(run_storage, summary)
     except Exception:
@@ -108,12 +113,13 @@ def _write_summary_where_it_fits(run_storage: RunStorage, summary: dict[str, Any
 
 
 def run_exit_code(summary: dict[str, Any]) -> int:
-    """1 when the run itself failed; 130 when it was interrupted (resumable); 1 when any
+    """1 when the run itself failed; 130 when it was interrupted by Ctrl-C, 143 by SIGTERM
+    (both resumable); 1 when any
     trial did not finish (ASHA's early stop is a finish); else 0."""
     if summary.get("run_error"):
         return EXIT_FAILED
     if summary.get("interrupted"):
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if summary.get("interrupted_by") == "SIGTERM" else EXIT_INTERRUPTED
     finished = {"completed"}
     if (summary.get("run_config") or {}).get("scheduler") == "asha":
         finished.add("stopped")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import signal
 
 import pytest
 
@@ -36,11 +37,14 @@ def test_run_and_resume_with_data_and_run_directory_in_s3(s3_server, tiny_datase
     driver = start(args, tmp_path, "first")
     try:
         # The trigger is the log row itself: a row promises its epoch is safe.
-        signal_once_logged(driver, lambda: len(logged_epochs()), 1)
-        assert driver.wait(timeout=180) == 130, driver.stderr[-3000:]
+        # SIGTERM, as `ray job stop` sends: drained as Ctrl-C is (the crash tests send that).
+        signal_once_logged(driver, lambda: len(logged_epochs()), 1, signal.SIGTERM)
+        assert driver.wait(timeout=180) == 143, driver.stderr[-3000:]
     finally:
         driver.kill()
     assert "--resume" in driver.stderr
+    first_summary = json.loads(s3_server.text(prefix + "final_summary.json"))
+    assert first_summary["interrupted"] is True
     # Read once the run has stopped: the drain may have logged the epoch it was saving.
     done = logged_epochs()
     assert done == [str(e) for e in range(1, len(done) + 1)] and len(done) < 4
@@ -73,6 +77,7 @@ def test_run_and_resume_with_data_and_run_directory_in_s3(s3_server, tiny_datase
     assert info["final_model_path"].startswith(f"s3://{BUCKET}/{prefix}")
     summary = json.loads(s3_server.text(prefix + "final_summary.json"))
     assert summary["num_succeeded"] == 1
+    assert summary["interrupted_by"] is None and first_summary["interrupted_by"] == "SIGTERM"
 
     # The data: fetched once into this node's cache by the first run, re-used by the resumed
     # trial and by the evaluation; recorded with the listing's fingerprint.
