@@ -14,6 +14,9 @@ from pathlib import Path
 # Tests must not oversubscribe CI's two cores (Ray trials run side by side); set before the
 # imports below bring in torch.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The tests give Ray logical GPUs that CUDA cannot see (on this CPU-only machine): they opt in
+# to training on the CPU then, as the product refuses to by default (one test checks that).
+os.environ.setdefault("CROSSDET_LOGICAL_GPUS", "1")
 
 import pyarrow.fs as pafs  # noqa: E402
 import pytest  # noqa: E402

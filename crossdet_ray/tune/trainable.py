@@ -42,19 +42,43 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+LOGICAL_GPUS_ENV = "CROSSDET_LOGICAL_GPUS"  # "1": Ray's GPUs may be logical (tests)
+
+
+class GpuNotVisibleError(RuntimeError):
+    """Ray granted this trial a GPU that CUDA cannot see: training on the CPU would bill a GPU
+    node for nothing, and a restart on the same node sees the same."""
+
+
 def trial_device(granted_gpus: float) -> torch.device:
-    """The device for a trial: its GPU when Ray granted one CUDA can see, else the CPU."""
+    """The device for a trial: its GPU when Ray granted one; the CPU when it granted none.
+
+    A granted GPU that CUDA cannot see raises GpuNotVisibleError naming the node and why,
+    unless CROSSDET_LOGICAL_GPUS=1 says Ray's GPUs are logical (tests on a CPU machine): then
+    the trial trains on the CPU, with a warning.
+    """
     import torch
 
-    if granted_gpus > 0:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        logger.warning(
-            "this trial was granted %g GPU (CUDA_VISIBLE_DEVICES=%s) but CUDA sees no GPU on "
-            "node %s: TRAINING ON THE CPU. Check the node's CUDA driver, or pass "
-            "--gpus-per-trial 0.", granted_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"),
-            socket.gethostname())
-    return torch.device("cpu")
+    if granted_gpus <= 0:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if os.environ.get(LOGICAL_GPUS_ENV) == "1":
+        logger.warning("this trial was granted %g GPU (CUDA_VISIBLE_DEVICES=%s) but CUDA sees "
+                       "no GPU on node %s: training on the CPU (%s=1: logical GPUs)",
+                       granted_gpus, visible, node, LOGICAL_GPUS_ENV)
+        return torch.device("cpu")
+    reason = ("this torch is a CPU-only build (torch.version.cuda is None): install a CUDA "
+              "build on the node" if torch.version.cuda is None else
+              f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU: check "
+              "the node's NVIDIA driver with nvidia-smi")
+    raise GpuNotVisibleError(
+        f"this trial was granted {granted_gpus:g} GPU on node {node} "
+        f"(CUDA_VISIBLE_DEVICES={visible}) but CUDA cannot see it: {reason}. Not training on "
+        f"the CPU of a GPU node; pass --gpus-per-trial 0 to train on CPUs (tests with Ray's "
+        f"logical GPUs set {LOGICAL_GPUS_ENV}=1)")
 
 
 def this_process() -> dict[str, Any]:
@@ -187,7 +211,6 @@ def _train_here(config: dict[str, Any], train_config: TrainConfig, resources: Tr
 
     trial = config["trial"]
     torch.set_num_threads(torch_threads_for(resources.cpu))
-    device = trial_device(resources.gpu)
     # This process exists to train: no page faults for memory the next step needs again.
     retained = retain_freed_host_memory()
     writer = trial_writer(config, trial_storage, train_config, {
@@ -195,6 +218,12 @@ def _train_here(config: dict[str, Any], train_config: TrainConfig, resources: Tr
         "host_memory_retained": retained,
         "trainable_started_at": entered_at, "workers": 1,
         "per_worker_batch": train_config.batch_size})
+    try:
+        device = trial_device(resources.gpu)
+    except GpuNotVisibleError as error:
+        writer.mark_failed(str(error), failure_kind="gpu")
+        control.forbid_retry()
+        raise
     writer.recovered_entry = resume.log_entry
     if resume.unreadable:
         writer.info["unreadable_checkpoints"] = resume.unreadable
