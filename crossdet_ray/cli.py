@@ -142,8 +142,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ray_group.add_argument("--cpus-per-trial", type=float, default=None,
                            help="CPUs per trial (default: the cluster's CPUs shared out)")
     ray_group.add_argument("--address", default=None,
-                           help="join a running Ray cluster (default: RAY_ADDRESS, else a "
-                                "local Ray for this run)")
+                           help="the Ray cluster to join (default: RAY_ADDRESS, else the cluster "
+                                "`ray start` runs on this node, else a Ray of this run's own); "
+                                "local: always a Ray of this run's own")
     ray_group.add_argument("--name", default=None, help="run directory name under --log-dir (default: run_YYYYmmdd_HHMMSS)")
     ray_group.add_argument("--resume", default=None, metavar="RUN_DIR",
                            help="continue an interrupted run from its directory")

@@ -179,24 +179,40 @@ def default_run_name() -> str:
 
 
 # -- Ray ---------------------------------------------------------------------------------------
+PRIVATE_RAY = "local"  # --address local: a new Ray for this run only
+
+
 def connect_ray(config: LaunchConfig) -> str | None:
-    """Join `--address` / RAY_ADDRESS, or start a local Ray with its dashboard on 127.0.0.1."""
+    """Join `--address` / RAY_ADDRESS; else the cluster `ray start` runs on this node (the head
+    of `ray up`, where `ray job submit`, `ray submit` and `ray attach` run the command), as
+    `ray.init()` does; else, or with `--address local`, start a Ray of this run's own with its
+    dashboard on 127.0.0.1."""
     if ray.is_initialized():
         return None
     quiet_console()
     address = config.address or os.environ.get("RAY_ADDRESS")
     try:
-        if address:
+        context = None
+        if address and address != PRIVATE_RAY:
             context = ray.init(address=address, logging_level=logging.WARNING)
-        else:
-            # "local": a new Ray for this run, never one that `ray start` left on this machine.
-            context = ray.init(address="local", include_dashboard=config.dashboard,
+        elif address is None:
+            try:
+                context = ray.init(address="auto", logging_level=logging.WARNING)
+                address = "auto"
+                logger.info("joined the Ray cluster running on this node (--address local "
+                            "starts a Ray of this run's own instead)")
+            except ConnectionError:  # none runs here
+                context = None
+        if context is None:
+            address = None
+            context = ray.init(address=PRIVATE_RAY, include_dashboard=config.dashboard,
                                dashboard_host=config.dashboard_host,
                                logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise LaunchError(f"cannot start or reach {where}: {error}; check --address / "
-                          "RAY_ADDRESS (or unset it for a local run)") from error
+                          "RAY_ADDRESS (or --address local for a Ray of this run's own)"
+                          ) from error
     url = getattr(context, "dashboard_url", None)
     if not url:
         return None

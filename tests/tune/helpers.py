@@ -122,13 +122,15 @@ def ray_env() -> dict[str, str]:
     return env
 
 
-def small_run(tiny_dataset: str, log_dir: Path, name: str, epochs: int, *extra: str
-              ) -> tuple[str, ...]:
-    """One test_mit trial at 64 px on one CPU, quiet: a few seconds per epoch here."""
+def small_run(tiny_dataset: str, log_dir: Path, name: str, epochs: int, *extra: str,
+              address: str | None = "local") -> tuple[str, ...]:
+    """One test_mit trial at 64 px on one CPU, quiet: a few seconds per epoch here. In a Ray
+    of its own (`--address local`) unless `address` says otherwise (None: the default, which
+    joins a cluster running on this machine)."""
     return ("--data", tiny_dataset, "--backbones", "test_mit", "--min-size", "64",
             "--max-size", "64", "--num-workers", "0", "--log-dir", str(log_dir), "--name", name,
             "--no-dashboard", "--no-evaluate", "--verbose", "0", "--gpus-per-trial", "0",
-            "--cpus-per-trial", "1",
+            "--cpus-per-trial", "1", *(("--address", address) if address else ()),
             "--epochs", str(epochs), *extra)
 
 

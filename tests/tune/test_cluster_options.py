@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import re
 import socket
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -14,7 +17,8 @@ import pytest
 
 from crossdet_ray.synthetic import generate_dataset
 
-from .helpers import assert_trained, poll_until, run, small_run, start, training_info
+from .helpers import (assert_trained, kill_session, poll_until, run, small_run, start,
+                      training_info)
 
 pytestmark = pytest.mark.ray
 
@@ -65,21 +69,38 @@ def test_the_dashboard_binds_to_the_host_given_and_says_where(tiny_dataset, tmp_
 
 
 @pytest.fixture
-def running_cluster(private_ray_tmpdir):
-    """A one-node Ray cluster started by the test (3 CPUs, unlike this machine's own Ray),
-    with the test connected to it to see its nodes."""
+def running_cluster(private_ray_tmpdir, tmp_path):
+    """A Ray cluster started on this machine as `ray up` starts the head's, with `ray start
+    --head` (3 CPUs, unlike this machine's own Ray), in a private RAY_TMPDIR; the test
+    connected to it to see its nodes."""
     import ray
-    from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "num_gpus": 0,
-                                                            "include_dashboard": False})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with open(tmp_path / "ray_start.log", "wb") as log:
+        head = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
+             "--num-cpus=3", "--num-gpus=0", "--include-dashboard=false",
+             "--disable-usage-stats", "--block"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        ray.init(address=cluster.address)
-        cluster.wait_for_nodes()
-        yield cluster
+        assert poll_until(lambda: _connects(), timeout=60), (
+            tmp_path / "ray_start.log").read_text()[-3000:]
+        yield head
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        kill_session(head.pid)
+
+
+def _connects() -> bool:
+    import ray
+
+    try:
+        ray.init(address="auto", logging_level=logging.WARNING)
+        return True
+    except ConnectionError:
+        return False
 
 
 def _alive_nodes() -> dict[str, dict]:
@@ -88,16 +109,20 @@ def _alive_nodes() -> dict[str, dict]:
     return {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
 
 
-def test_address_joins_the_running_cluster(running_cluster, tiny_dataset, tmp_path):
+def test_without_address_the_command_joins_the_cluster_running_on_its_node(
+        running_cluster, tiny_dataset, tmp_path, monkeypatch):
+    # As on the head of `ray up` (`ray attach` + the command, `ray submit`): `ray start` runs a
+    # cluster on this node, and no --address or RAY_ADDRESS names it.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     nodes = _alive_nodes()
-    result = run(small_run(tiny_dataset, tmp_path / "logs", "joined", 1, "--address",
-                           running_cluster.address), tmp_path, "joined")
+    result = run(small_run(tiny_dataset, tmp_path / "logs", "joined", 1, address=None),
+                 tmp_path, "joined")
     assert result.process.returncode == 0, result.stderr[-3000:]
+    assert "joined the Ray cluster running on this node" in result.stderr
     run_dir = tmp_path / "logs" / "joined"
     # The trial ran on the cluster's node, and the run planned for the cluster's shape.
     assert training_info(run_dir / "test_mit")["node_id"] in nodes
     saved = json.loads((run_dir / "run_config.json").read_text())
-    assert saved["address"] == running_cluster.address
     assert saved["cluster"]["nodes"] == [{"CPU": 3.0, "GPU": 0.0}]
     # The command left the cluster as it found it, running.
     assert _alive_nodes().keys() == nodes.keys()
