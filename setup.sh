@@ -8,12 +8,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
-# Pinned torch/torchvision pairs that import together (PyPI's newest may not match a local torch).
-case "$(uname -m)" in
-    aarch64|arm64) TORCH="torch==2.9.1 torchvision==0.24.1" ;;
-    *) TORCH="torch==2.14.1 torchvision==0.29.1" ;;
-esac
-python -c "import torch, torchvision" 2>/dev/null || python -m pip install --quiet $TORCH
+# torch/torchvision: the pinned pairs of constraints.txt (PyPI's newest may not match a local
+# torch); cluster.yaml's nodes install the same.
+python -c "import torch, torchvision" 2>/dev/null \
+    || python -m pip install --quiet torch torchvision -c constraints.txt
 python -m pip install --quiet -e ".[test]" -c constraints.txt
 # tests/analysis opens the evaluation report in a headless Chromium (the system's package).
 if ! command -v chromium-headless-shell >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1; then
