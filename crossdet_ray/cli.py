@@ -149,7 +149,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ray_group.add_argument("--resume", default=None, metavar="RUN_DIR",
                            help="continue an interrupted run from its directory")
     ray_group.add_argument("--max-failures", type=int, default=2,
-                           help="restarts of a crashed trial from its last checkpoint")
+                           help="restarts of a crashed trial from its last checkpoint; -1: "
+                                "unlimited (spot nodes, whose trials are lost with the node)")
     ray_group.add_argument("--lr-grid", nargs="+", type=float, default=[], metavar="M",
                            help="LR search: every backbone x (lr x M)")
     ray_group.add_argument("--scheduler", choices=("fifo", "asha"), default="fifo",

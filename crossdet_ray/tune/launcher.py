@@ -82,6 +82,7 @@ from crossdet_ray.tune.trainable import train_backbone
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.json"
+UNLIMITED_RETRIES = -1  # --max-failures -1: Tune restarts a trial however often it fails
 REMOTE_KEEP_CHECKPOINTS = 1  # epoch checkpoints per trial when --log-dir is a bucket
 PLAN_FILE = "plan.json"
 MLFLOW_EXPERIMENT = "crossdet_ray"  # every run's trials, told apart by their run_dir tag
@@ -378,8 +379,9 @@ def validate(config: LaunchConfig) -> None:
         raise LaunchError(f"--min-size {train.min_size} is larger than --max-size {train.max_size}")
     if any(not m > 0 for m in config.lr_grid):
         raise LaunchError("--lr-grid: every multiplier must be > 0")
-    if config.max_failures < 0:
-        raise LaunchError("--max-failures must be >= 0")
+    if config.max_failures < UNLIMITED_RETRIES:
+        raise LaunchError("--max-failures must be >= 0, or -1 for unlimited restarts (spot "
+                          "nodes: README \"Spot GPU nodes\")")
     if config.keep_checkpoints is not None and config.keep_checkpoints < 1:
         raise LaunchError("--keep-checkpoints must be at least 1")
     if config.scheduler not in ("fifo", "asha"):

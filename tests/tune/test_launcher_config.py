@@ -37,12 +37,16 @@ def test_bad_training_flags(changes, message):
 
 @pytest.mark.parametrize("changes, message", [
     ({"lr_grid": [0.5, 0]}, "--lr-grid"),
-    ({"max_failures": -1}, "--max-failures"),
+    ({"max_failures": -2}, "--max-failures"),
     ({"keep_checkpoints": 0}, "--keep-checkpoints"),
 ])
 def test_bad_ray_flags(changes, message):
     with pytest.raises(LaunchError, match=message):
         validate(LaunchConfig(**changes))
+
+
+def test_unlimited_restarts_are_accepted():
+    validate(LaunchConfig(max_failures=-1))  # spot nodes: no preemption uses up the retries
 
 
 def test_launch_config_round_trips_through_plain_dicts():
