@@ -67,7 +67,7 @@ def trial_device(granted_gpus: float) -> torch.device:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if os.environ.get(LOGICAL_GPUS_ENV) == "1":
         logger.warning("this trial was granted %g GPU (CUDA_VISIBLE_DEVICES=%s) but CUDA sees "
-                       "no GPU on node %s: training on the CPU (%s=1: logical GPUs)",
+                       "no GPU on node %s: TRAINING ON THE CPU (%s=1: logical GPUs)",
                        granted_gpus, visible, node, LOGICAL_GPUS_ENV)
         return torch.device("cpu")
     reason = ("this torch is a CPU-only build (torch.version.cuda is None): install a CUDA "

@@ -209,8 +209,12 @@ class Command:
 
 
 def start(args: tuple[str, ...] | list[str], output_dir: Path, label: str,
-          env: dict[str, str] | None = None) -> Command:
-    """The command in a session of its own; `env` defaults to ray_env()."""
+          env: dict[str, str] | None = None, own_ray: bool = True) -> Command:
+    """The command in a session of its own; `env` defaults to ray_env(). In a Ray of its own
+    (`--address local`, added where `args` name no address) unless `own_ray` is False: the
+    command's default joins a cluster `ray start` runs on this machine."""
+    if own_ray and "--address" not in args:
+        args = (*args, "--address", "local")
     output_dir.mkdir(parents=True, exist_ok=True)
     stdout_path, stderr_path = output_dir / f"{label}.out", output_dir / f"{label}.err"
     with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
@@ -220,9 +224,10 @@ def start(args: tuple[str, ...] | list[str], output_dir: Path, label: str,
 
 
 def run(args: tuple[str, ...] | list[str], output_dir: Path, label: str,
-        timeout: float = 300, env: dict[str, str] | None = None) -> Command:
-    """Run the command to its end; whatever it leaves running is killed."""
-    running = start(args, output_dir, label, env)
+        timeout: float = 300, env: dict[str, str] | None = None,
+        own_ray: bool = True) -> Command:
+    """Run the command to its end (see `start`); whatever it leaves running is killed."""
+    running = start(args, output_dir, label, env, own_ray)
     try:
         running.wait(timeout)
     finally:

@@ -65,7 +65,8 @@ def test_auto_without_gpus_or_known_node_types_is_refused(tiny_dataset, tmp_path
     """A local Ray has no autoscaler config to read and no GPU: `auto` would train on the CPU
     of a cluster that may be able to launch GPU nodes, so the command stops and says why."""
     env = {**ray_env(), "HOME": str(tmp_path)}  # no ~/ray_bootstrap_config.yaml to be found
-    command = run(("--autoscaling", "--backbones", "test_mit", "--epochs", "1", "--data",
+    command = run(("--address", "local", "--autoscaling", "--backbones", "test_mit", "--epochs",
+                   "1", "--data",
                    tiny_dataset, "--log-dir", str(tmp_path / "logs"), "--no-dashboard", "--no-evaluate",
                    "--verbose", "0"), tmp_path, "refused", timeout=300, env=env)
     assert command.process.returncode == 2, command.stderr[-3000:]

@@ -116,7 +116,7 @@ def test_without_address_the_command_joins_the_cluster_running_on_its_node(
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     nodes = _alive_nodes()
     result = run(small_run(tiny_dataset, tmp_path / "logs", "joined", 1, address=None),
-                 tmp_path, "joined")
+                 tmp_path, "joined", own_ray=False)
     assert result.process.returncode == 0, result.stderr[-3000:]
     assert "joined the Ray cluster running on this node" in result.stderr
     run_dir = tmp_path / "logs" / "joined"
