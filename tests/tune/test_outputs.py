@@ -44,7 +44,7 @@ def _argv(data: str, log_dir: Path) -> list[str]:
             "--seed", "3", "--amp", "off", "--channels-last", "off",
             "--log-dir", str(log_dir), "--name", "outputs", "--gpus-per-trial", "0",
             "--cpus-per-trial", "1", "--keep-checkpoints", "1", "--max-failures", "1",
-            "--synthetic-images", "8", "--no-dashboard", "--verbose", "0",
+            "--synthetic-images", "8", "--no-dashboard", "--verbose", "0", "--address", "local",
             "--lr-grid", *map(str, GRID)]
 
 
