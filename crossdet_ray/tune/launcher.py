@@ -46,6 +46,7 @@ from crossdet_ray.tune.resources import (
     plan_resources,
 )
 from crossdet_ray.tune.cluster import (
+    ClusterDiscoveryError,
     autoscaling_shape,
     launchable_shape,
     parse_plan_for,
@@ -305,6 +306,9 @@ def plan_run(config: LaunchConfig, specs: list[TrialSpec], shape: ClusterShape,
         resources = assign_workers(shares, workers_request, config.train.batch_size)
         plan = plan_trials(requests, nodes, workload, cpus, fixed={
             b: Allocation(gpus=r.gpu, workers=r.workers) for b, r in resources.items()})
+        # Each trial's own CPUs (a GPU share's part of its node: plan_resources), not the first's.
+        plan.trials = [dataclasses.replace(t, cpus=resources[t.backbone].cpu)
+                       for t in plan.trials]
     return resources, plan
 
 
@@ -474,6 +478,14 @@ def launch(config: LaunchConfig) -> RunOutcome:
         if plan_for_launchable:
             # Not the nodes alive now (often a GPU-less head): those the autoscaler can add.
             shape = autoscaling_shape(shape)
+        elif config.autoscaling and config.cpus_per_trial is None:
+            # Fixed GPU shares: each trial's CPUs from the node types that will run it, not
+            # from the nodes alive now (a CPU-less head would leave it 0.1 CPU).
+            try:
+                shape = autoscaling_shape(shape)
+            except ClusterDiscoveryError as error:
+                logger.warning("--autoscaling: %s; sharing out the CPUs of the nodes alive now "
+                               "(pass --cpus-per-trial to choose)", error)
     plan, run_plan = plan_run(config, specs, shape, workload_of(config.train, data))
     if plan_for_launchable:
         refuse_cpu_trials({t.trial: t.gpus for t in run_plan.trials}, shape)

@@ -190,18 +190,27 @@ def plan_resources(
     """Each backbone's share of CPUs and its `--gpus-per-trial` GPUs (trials of one backbone in
     an LR grid share it); `auto` GPUs are chosen by the planner (launcher.plan_run)."""
     num_trials = len(backbones) * num_trials_per_backbone
+    given_cpus = cpus_per_trial
     if cpus_per_trial is None:
         largest_node = max((n.get("CPU", 0) for n in cluster.nodes), default=cluster.total_cpus)
         cpus_per_trial = shared_cpus(cluster.total_cpus, largest_node, num_trials)
     elif cpus_per_trial <= 0:
         raise ResourceError("--cpus-per-trial must be > 0")
 
+    # A GPU trial's CPUs, unless given, are at most its share of its node's: trials that share
+    # a GPU must also fit beside each other on the GPU's node (the least CPU-rich GPU node).
+    per_gpu = min((n.get("CPU", 0) / n["GPU"] for n in cluster.nodes if n.get("GPU", 0) > 0),
+                  default=None)
     plan = {}
     for backbone in backbones:
         # `auto` on a cluster with GPUs is the makespan planner's (tune/planner.py) to decide;
         # here it stands for the CPU, which is what it means without GPUs.
         gpu = 0.0 if request.auto else request.share_for(backbone)
-        plan[backbone] = TrialResources(cpu=float(cpus_per_trial), gpu=float(gpu))
+        cpu = float(cpus_per_trial)
+        if given_cpus is None and gpu > 0 and per_gpu:
+            cpu = min(cpu, max(0.1, _floor(gpu * per_gpu)))
+            cpu = float(math.floor(cpu)) if cpu >= 1 else cpu
+        plan[backbone] = TrialResources(cpu=cpu, gpu=float(gpu))
     return plan
 
 

@@ -7,6 +7,7 @@ import ipaddress
 import json
 import logging
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,10 +18,11 @@ import pytest
 
 from crossdet_ray.synthetic import generate_dataset
 
-from .helpers import (assert_trained, kill_session, poll_until, run, small_run, start,
-                      training_info)
+from .helpers import (assert_trained, kill_session, poll_until, run, run_in_process, small_run,
+                      start, training_info)
 
 pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[2]
 
 DASHBOARD_LINE = re.compile(r"Ray dashboard: http://([^:/\s]+):(\d+)")
 
@@ -182,3 +184,27 @@ def test_the_builtin_dataset_is_made_once_then_reused(tmp_path, monkeypatch):
     assert _files(dataset) == made
     assert sorted(p.name for p in cache.iterdir()) == ["synthetic_n8_seed0_64px"]
     assert "crossdet_ray.synthetic" not in second.stderr, second.stderr[-3000:]
+
+
+def test_autoscaling_with_fixed_gpu_shares_takes_cpus_from_the_node_types(tmp_path, monkeypatch,
+                                                                         capsys):
+    # On `ray up cluster.yaml`'s head (no CPU, no GPU: the autoscaler's config is in
+    # ~/ray_bootstrap_config.yaml), fixed shares of the GPU node types: each trial's CPUs are
+    # its share of a GPU node's (8 CPUs, 1 GPU), not the alive head's nothing.
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(ROOT / "cluster.yaml", home / "ray_bootstrap_config.yaml")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    data = generate_dataset(tmp_path / "data", 6, seed=0, sizes=[(64, 64)])
+    result = run_in_process(
+        capsys, "--data", str(data), "--autoscaling", "--plan-only", "--address", "local",
+        "--gpus-per-trial", "mit_b4=1,mit_b5=1,default=0.5", "--no-dashboard",
+        "--log-dir", str(tmp_path / "logs"), "--name", "planned")
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = json.loads((tmp_path / "logs" / "planned" / "plan.json").read_text())
+    cpus = {t["backbone"]: t["cpus"] for t in plan["trials"]}
+    gpus = {t["backbone"]: t["gpus"] for t in plan["trials"]}
+    assert gpus == {"mit_b0": 0.5, "mit_b1": 0.5, "mit_b2": 0.5, "mit_b4": 1, "mit_b5": 1}
+    # Half a GPU: half of its node's 8 CPUs, so two such trials share one node and its GPU.
+    assert cpus == {"mit_b0": 4, "mit_b1": 4, "mit_b2": 4, "mit_b4": 8, "mit_b5": 8}
