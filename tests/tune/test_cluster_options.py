@@ -18,8 +18,8 @@ import pytest
 
 from crossdet_ray.synthetic import generate_dataset
 
-from .helpers import (assert_trained, kill_session, poll_until, run, run_in_process, small_run,
-                      start, training_info)
+from .helpers import (assert_trained, kill_session, poll_until, ray_env, run, small_run, start,
+                      training_info)
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
@@ -186,22 +186,20 @@ def test_the_builtin_dataset_is_made_once_then_reused(tmp_path, monkeypatch):
     assert "crossdet_ray.synthetic" not in second.stderr, second.stderr[-3000:]
 
 
-def test_autoscaling_with_fixed_gpu_shares_takes_cpus_from_the_node_types(tmp_path, monkeypatch,
-                                                                         capsys):
+def test_autoscaling_with_fixed_gpu_shares_takes_cpus_from_the_node_types(tmp_path):
     # On `ray up cluster.yaml`'s head (no CPU, no GPU: the autoscaler's config is in
     # ~/ray_bootstrap_config.yaml), fixed shares of the GPU node types: each trial's CPUs are
-    # its share of a GPU node's (8 CPUs, 1 GPU), not the alive head's nothing.
+    # its share of a GPU node's (8 CPUs, 1 GPU), not the alive head's nothing. A process of
+    # its own: Ray keeps the auth token it read from the first HOME for the process's life.
     home = tmp_path / "home"
     home.mkdir()
     shutil.copy(ROOT / "cluster.yaml", home / "ray_bootstrap_config.yaml")
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     data = generate_dataset(tmp_path / "data", 6, seed=0, sizes=[(64, 64)])
-    result = run_in_process(
-        capsys, "--data", str(data), "--autoscaling", "--plan-only", "--address", "local",
-        "--gpus-per-trial", "mit_b4=1,mit_b5=1,default=0.5", "--no-dashboard",
-        "--log-dir", str(tmp_path / "logs"), "--name", "planned")
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run(["--data", str(data), "--autoscaling", "--plan-only", "--address", "local",
+                  "--gpus-per-trial", "mit_b4=1,mit_b5=1,default=0.5", "--no-dashboard",
+                  "--log-dir", str(tmp_path / "logs"), "--name", "planned"],
+                 tmp_path, "planned", env={**ray_env(), "HOME": str(home)})
+    assert result.process.returncode == 0, result.stderr[-3000:]
     plan = json.loads((tmp_path / "logs" / "planned" / "plan.json").read_text())
     cpus = {t["backbone"]: t["cpus"] for t in plan["trials"]}
     gpus = {t["backbone"]: t["gpus"] for t in plan["trials"]}

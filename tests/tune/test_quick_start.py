@@ -2,7 +2,7 @@
 the run fits the disk it announced.
 
 The command is read from README.md's "Quick start" block, so the README and this test cannot
-drift apart. Flags that only shorten it are added (SHORTER: one epoch over 10 frames, no closing
+drift apart. Flags that only shorten it are added (SHORTER: one epoch over 6 frames, no closing
 evaluation), with --log-dir and --name, and the synthetic cache is the test's own. What the two
 epochs of the real command learn is tests/engine/test_learning_real.py's promise (mit_b0 on the
 same set at the same settings); the closing evaluation and report are tests/tune/test_outputs.py's.
@@ -27,7 +27,7 @@ from .helpers import ROOT, ray_env, run
 pytestmark = pytest.mark.ray
 
 SCRIPT = "experiments/all_backbones.py"
-SHORTER = ["--epochs", "1", "--synthetic-images", "10", "--no-evaluate"]
+SHORTER = ["--epochs", "1", "--synthetic-images", "6", "--no-evaluate"]
 ESTIMATE = re.compile(r"this run will write about (?:at most )?([\d.]+) GB")
 
 
