@@ -93,31 +93,36 @@ def _logged_checkpoint(trial: RunStorage, logged_path: str) -> str | None:
     return trial.full_uri(relative) if trial.exists(relative) else None
 
 
-def choose_checkpoint(trial: RunStorage, backbone: str, choice: str
+def choose_checkpoint(trial: RunStorage, backbone: str, choice: str,
+                      rows: list[dict[str, str]] | None = None
                       ) -> tuple[str | None, int | None, str | None]:
     """(location, epoch, error) of a trial's `choice` checkpoint (a path, or a bucket URI
     that the evaluation task downloads).
 
     best_map: `best_map_model.pth` when the run kept one, else the epoch with the highest test
     mAP in epoch_metrics.csv whose file is still there (an earlier tie wins); best: the lowest
-    loss (`best_model.pth`); final: the last epoch's complete checkpoint.
+    loss (`best_model.pth`); final: the last epoch's complete checkpoint. `rows`: the trial's
+    epoch_metrics.csv rows when the caller has read them already.
     """
     def kept(relative: str) -> str | None:
         return trial.full_uri(relative) if trial.exists(relative) else None
 
     if choice == "best":
         relative = f"checkpoints/{BEST_LOSS_FILE}"
-        return (kept(relative), None, None) if kept(relative) else (
+        location = kept(relative)
+        return (location, None, None) if location else (
             None, None, f"no {trial.uri(relative)}: the trial saved no epoch")
     if choice == "final":
         relative = f"checkpoints/{backbone}_final_complete.pth"
-        return (kept(relative), None, None) if kept(relative) else (
+        location = kept(relative)
+        return (location, None, None) if location else (
             None, None, f"no {trial.uri(relative)}: the trial did not finish (try --checkpoint "
             "best_map)")
-    if kept(f"checkpoints/{BEST_MAP_FILE}"):
-        return kept(f"checkpoints/{BEST_MAP_FILE}"), None, None
+    location = kept(f"checkpoints/{BEST_MAP_FILE}")
+    if location:
+        return location, None, None
     log = trial.uri(EPOCH_LOG)
-    rows = read_epoch_rows(trial)
+    rows = read_epoch_rows(trial) if rows is None else rows
     if not rows:
         return None, None, f"no epoch logged in {log}: the trial saved no epoch"
     scored = [(row, finite_number(row.get("map"))) for row in rows]
@@ -145,13 +150,13 @@ def _run_trials(run: RunStorage, config: dict[str, Any], choice: str) -> list[Tr
         cpu = float(share.get("cpu") or 1.0) / workers
         gpu = float(share.get("gpu") or 0.0) / workers
         trial = run.child(name)
+        rows = read_epoch_rows(trial)  # read once: for the choice and the training curves
         if not trial.exists(""):
             path, epoch, error = None, None, f"no folder {trial.uri()}: the trial never started"
         else:
-            path, epoch, error = choose_checkpoint(trial, backbone, choice)
+            path, epoch, error = choose_checkpoint(trial, backbone, choice, rows)
         trials.append(TrialSource(name=name, backbone=backbone, checkpoint=path, epoch=epoch,
-                                  cpu=cpu, gpu=gpu, error=error,
-                                  epoch_rows=read_epoch_rows(trial)))
+                                  cpu=cpu, gpu=gpu, error=error, epoch_rows=rows))
     return trials
 
 

@@ -34,6 +34,7 @@ from crossdet_ray.data.errors import DatasetError
 from crossdet_ray.data.index import FRAME_SUFFIX, IMAGES_DIR, LABEL_SUFFIX, LABELS_DIR
 from crossdet_ray.data.labels import YoloLabels, parse_yolo_labels
 from crossdet_ray.data.npy_header import NpyHeader, parse_npy_header
+from crossdet_ray.durable import fsync_directory
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +197,10 @@ def inspect_remote_dataset(uri: str, test_size: float = 0.2,
     def where(relative: str) -> str:
         return files.where(relative)
 
+    def unreadable(relative: str, error: OSError) -> DatasetError:
+        return DatasetError(f"{where(relative)}: cannot be read ({error}); check that this "
+                            "machine's credentials may read it")
+
     def read_label(relative: str):
         try:
             with filesystem.open_input_file(f"{base}/{relative}") as handle:
@@ -207,8 +212,7 @@ def inspect_remote_dataset(uri: str, test_size: float = 0.2,
         except DatasetError as error:
             return error
         except OSError as error:
-            return DatasetError(f"{where(relative)}: cannot be read ({error}); check that this "
-                                "machine's credentials may read it")
+            return unreadable(relative, error)
 
     def read_header(relative: str):
         try:
@@ -227,8 +231,7 @@ def inspect_remote_dataset(uri: str, test_size: float = 0.2,
         except DatasetError as error:
             return error
         except OSError as error:
-            return DatasetError(f"{where(relative)}: cannot be read ({error}); check that this "
-                                "machine's credentials may read it")
+            return unreadable(relative, error)
 
     label_paths = [f"{LABELS_DIR}/{n}" for n in names.get(LABELS_DIR, {}).values()]
     frame_paths = [f"{IMAGES_DIR}/{n}" for n in names.get(IMAGES_DIR, {}).values()]
@@ -306,7 +309,7 @@ def fetch_remote_dataset(listing: RemoteListing, cache: Path,
             {"uri": printable_uri(listing.uri), "fingerprint": listing.fingerprint,
              "files": len(listing.files), "bytes": listing.total_bytes}))
         os.rename(staging, target)
-        _fsync_directory(target.parent)
+        fsync_directory(target.parent)
         seconds = time.monotonic() - started - waited
         return _record(listing, target, reused=False, files=files, downloaded=downloaded,
                        seconds=seconds, waited=waited)
@@ -367,13 +370,3 @@ def _download(listing: RemoteListing, staging: Path, streams: int) -> tuple[int,
     with ThreadPoolExecutor(max_workers=streams) as pool:
         downloaded = sum(pool.map(fetch, missing))
     return len(missing), downloaded
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass  # some filesystems cannot sync a directory; the rename stands
-    finally:
-        os.close(descriptor)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 import pyarrow.fs as pafs
 
+from crossdet_ray.durable import fsync_directory
 from crossdet_ray.engine.errors import DiskFullError
 
 if TYPE_CHECKING:
@@ -83,19 +84,6 @@ def _mount_point(path: str) -> str:
     return path
 
 
-def _fsync_directory(directory: str) -> None:
-    """Make a rename in `directory` survive a power loss, not only the renamed file's data."""
-    descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(descriptor)
-    except OSError as error:
-        # Some network and FUSE filesystems cannot sync a directory; the rename stands anyway.
-        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(descriptor)
-
-
 class _ByteCounter:
     """A sink that keeps only the count: torch's serialized size without holding the bytes."""
 
@@ -151,8 +139,7 @@ class RunStorage:
 
     def load_torch_file(self, relative: str) -> Any:
         """`load_torch` of a file that must exist: FileNotFoundError (naming it) when not."""
-        if not self.exists(relative) or self.filesystem.get_file_info(
-                self.path(relative)).type != pafs.FileType.File:
+        if self.filesystem.get_file_info(self.path(relative)).type != pafs.FileType.File:
             raise FileNotFoundError(self.uri(relative))
         return self.load_torch(relative)
 
@@ -325,7 +312,7 @@ class RunStorage:
                 raise self._local_disk_full(relative, needed_bytes(), directory, cause,
                                             hint=hint) from error
             raise
-        _fsync_directory(directory)
+        fsync_directory(directory)
 
     def _write_synced(self, path: str, write: Callable[[BinaryIO], object]) -> None:
         with self._open_local_output(path) as handle:

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from crossdet_ray.data.errors import DatasetError
-from crossdet_ray.data.remote import (DATASET_LISTING_FILE, FetchRecord, RemoteListing,
-                                      fetch_remote_dataset)
+from crossdet_ray.data.remote import FetchRecord, RemoteListing, fetch_remote_dataset
 from crossdet_ray.synthetic import generate_dataset
 
 logger = logging.getLogger(__name__)
@@ -121,19 +120,6 @@ def node_dataset(spec: dict[str, Any], cache: Path | None = None,
         logger.info("%s", record.describe())
         return record.path, record
     return _synthetic_dataset(spec, cache), None
-
-
-def trial_dataset(spec: dict[str, Any], trial_storage) -> tuple[str, FetchRecord | None]:
-    """`node_dataset` for a trial's process: a bucket dataset's listing is read from the run
-    directory (the trial's parent on Tune's storage), and errors name this node."""
-    import ray
-
-    listing = None
-    if spec["kind"] == "remote":
-        listing = RemoteListing.from_json(
-            trial_storage.parent().read_text(DATASET_LISTING_FILE))
-    node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
-    return node_dataset(spec, listing=listing, node=node)
 
 
 def _synthetic_dataset(spec: dict[str, Any], cache: Path) -> str:

@@ -484,7 +484,7 @@ def wait_for_memory_before_retry(trial_storage: RunStorage,
         logger.info("%s: retrying at once after running out of memory: the trials killed "
                     "with it (%s) wait for it", name, ", ".join(last["failed_together"]))
         return
-    run_storage = RunStorage(trial_storage.filesystem, posixpath.dirname(trial_storage.root))
+    run_storage = trial_storage.parent()
     logger.warning("%s ran out of memory beside %s: waiting up to %.0f s for one of them to "
                    "finish before retrying", name, ", ".join(alongside), timeout)
     last["waiting_since"] = time.time()

@@ -204,13 +204,12 @@ def connect_ray(config: LaunchConfig) -> str | None:
                 logger.info("joined the Ray cluster running on this node (--address local "
                             "starts a Ray of this run's own instead)")
             except ConnectionError:  # none runs here
-                context = None
+                pass
             except ray.exceptions.AuthenticationError:
                 # No token on this machine: Ray refuses before looking for a cluster. A cluster
                 # `ray up` started has one file-mounted, so none runs here that we could join.
                 logger.info("no Ray auth token on this machine (~/.ray/auth_token): not joining "
                             "a cluster; starting a Ray of this run's own")
-                context = None
         if context is None:
             address = None
             context = ray.init(address=PRIVATE_RAY, include_dashboard=config.dashboard,

@@ -176,7 +176,12 @@ def shared_cpus(total_cpus: float, largest_node_cpus: float, num_trials: int) ->
     """Each trial's CPUs when `--cpus-per-trial` is not given: the cluster's shared out, never
     below a tenth of one (Ray then queues trials), never above one node's (a trial runs on
     one node, so no trial could get more), whole CPUs from one up."""
-    cpus = max(0.1, _floor(min(total_cpus / max(num_trials, 1), largest_node_cpus)))
+    return _cpu_share(min(total_cpus / max(num_trials, 1), largest_node_cpus))
+
+
+def _cpu_share(cpus: float) -> float:
+    """A share of CPUs as trials get them: never below a tenth, whole CPUs from one up."""
+    cpus = max(0.1, _floor(cpus))
     return float(math.floor(cpus)) if cpus >= 1 else cpus
 
 
@@ -208,8 +213,7 @@ def plan_resources(
         gpu = 0.0 if request.auto else request.share_for(backbone)
         cpu = float(cpus_per_trial)
         if given_cpus is None and gpu > 0 and per_gpu:
-            cpu = min(cpu, max(0.1, _floor(gpu * per_gpu)))
-            cpu = float(math.floor(cpu)) if cpu >= 1 else cpu
+            cpu = min(cpu, _cpu_share(gpu * per_gpu))
         plan[backbone] = TrialResources(cpu=cpu, gpu=float(gpu))
     return plan
 

@@ -63,7 +63,7 @@ def trial_device(granted_gpus: float) -> torch.device:
         return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda")
-    node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+    node = this_node()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if os.environ.get(LOGICAL_GPUS_ENV) == "1":
         logger.warning("this trial was granted %g GPU (CUDA_VISIBLE_DEVICES=%s) but CUDA sees "
@@ -79,6 +79,20 @@ def trial_device(granted_gpus: float) -> torch.device:
         f"(CUDA_VISIBLE_DEVICES={visible}) but CUDA cannot see it: {reason}. Not training on "
         f"the CPU of a GPU node; pass --gpus-per-trial 0 to train on CPUs (tests with Ray's "
         f"logical GPUs set {LOGICAL_GPUS_ENV}=1)")
+
+
+def this_node() -> str:
+    """This node as messages name it: host name and IP."""
+    return f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+
+
+def fail_without_retry(writer: SeedLogWriter | None, control: TrialControl | None,
+                       error: Exception, failure_kind: str) -> None:
+    """Record a failure that a restart cannot mend, and ask the driver not to restart."""
+    if writer is not None:
+        writer.mark_failed(str(error), failure_kind=failure_kind)
+    if control is not None:
+        control.forbid_retry()
 
 
 def this_process() -> dict[str, Any]:
@@ -108,16 +122,17 @@ def dataset_for_trial(config: dict[str, Any], trial_storage: RunStorage,
     A folder this node lacks, or a bucket object changed since the preflight, fails the trial
     without a retry: a restart would find the same.
     """
-    from crossdet_ray.data.remote import DatasetChangedError
-    from crossdet_ray.tune.datasets import DataNotOnNodeError, trial_dataset
+    from crossdet_ray.data.remote import DATASET_LISTING_FILE, DatasetChangedError, RemoteListing
+    from crossdet_ray.tune.datasets import DataNotOnNodeError, node_dataset
 
+    spec = config["data"]
     try:
-        data_dir, fetched = trial_dataset(config["data"], trial_storage)
+        # A bucket dataset's listing is a file of the run directory, the trial's parent.
+        listing = (RemoteListing.from_json(trial_storage.parent().read_text(DATASET_LISTING_FILE))
+                   if spec["kind"] == "remote" else None)
+        data_dir, fetched = node_dataset(spec, listing=listing, node=this_node())
     except (DataNotOnNodeError, DatasetChangedError) as error:
-        if writer is not None:
-            writer.mark_failed(str(error), failure_kind="data")
-        if control is not None:
-            control.forbid_retry()
+        fail_without_retry(writer, control, error, "data")
         raise
     return data_dir, (fetched.to_dict() if fetched is not None else None)
 
@@ -134,9 +149,8 @@ def run_fit(train: Callable[[], Any], writer: SeedLogWriter, control: TrialContr
                     "end the trial", trial_name)
         return False
     except DiskFullError as error:
-        writer.mark_failed(str(error), failure_kind="disk_full")
         # Restarting on the same full disk fails the same way: spend no --max-failures on it.
-        control.forbid_retry()
+        fail_without_retry(writer, control, error, "disk_full")
         raise
     except Exception as error:
         writer.mark_failed(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
@@ -182,8 +196,8 @@ def train_backbone(config: dict[str, Any]) -> None:
         resume = find_resume_point(trial_storage, announced)
     except CheckpointError as error:
         writer = trial_writer(config, trial_storage, train_config, this_process())
-        writer.mark_failed(str(error), failure_kind="checkpoint")
-        control.forbid_retry()  # the files will not mend themselves on a restart
+        # The files will not mend themselves on a restart.
+        fail_without_retry(writer, control, error, "checkpoint")
         raise
 
     if resources.data_parallel:
@@ -221,8 +235,7 @@ def _train_here(config: dict[str, Any], train_config: TrainConfig, resources: Tr
     try:
         device = trial_device(resources.gpu)
     except GpuNotVisibleError as error:
-        writer.mark_failed(str(error), failure_kind="gpu")
-        control.forbid_retry()
+        fail_without_retry(writer, control, error, "gpu")
         raise
     writer.recovered_entry = resume.log_entry
     if resume.unreadable:
