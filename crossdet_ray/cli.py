@@ -12,7 +12,7 @@ import os
 import sys
 
 from crossdet_ray.backbones import BACKBONE_REGISTRY
-from crossdet_ray.config import BACKBONES, MLFLOW_DEFAULT, TrainConfig
+from crossdet_ray.config import BACKBONES, DEFAULT_PENDING_TIMEOUT_S, MLFLOW_DEFAULT, TrainConfig
 
 EXIT_USER_ERROR = 2
 
@@ -174,6 +174,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                 "current nodes cannot hold; --gpus-per-trial auto plans for the "
                                 "GPU node types the autoscaler can launch, not the nodes alive "
                                 "now")
+    ray_group.add_argument("--pending-timeout", type=float, default=DEFAULT_PENDING_TIMEOUT_S,
+                           metavar="SECONDS",
+                           help="end the run (exit 2, resumable) when a trial has waited this "
+                                "long for a node that can hold it and none came up (the cloud "
+                                "could not launch one: quota, capacity); 0 waits for ever "
+                                "(default: %(default)g)")
     ray_group.add_argument("--synthetic-images", type=int, default=64,
                            help="frames in the built-in dataset (without --data)")
     ray_group.add_argument("--synthetic-frame-size", type=_frame_size, default=None,
@@ -211,6 +217,7 @@ def config_from_args(args: argparse.Namespace):
         synthetic_objects=args.synthetic_objects, preset=args.preset,
         verbose=args.verbose, skip_disk_check=args.skip_disk_check, plan_only=args.plan_only,
         plan_for=args.plan_for, init_from=args.init_from, mlflow=args.mlflow,
+        pending_timeout_s=args.pending_timeout,
     )
 
 
@@ -290,7 +297,12 @@ def _run(args: argparse.Namespace) -> int:
     if summary_path and not summary_path.startswith(outcome.run_dir):
         print(f"Summary written to {summary_path} (it did not fit in the run directory)",
               file=sys.stderr)
-    if outcome.interrupted:
+    if outcome.summary.get("unplaceable"):
+        names = ", ".join(t["trial"] for t in outcome.summary["unplaceable"])
+        print(f"crossdet_ray: error: no node could be launched for {names} within "
+              f"--pending-timeout (the report is above); continue with --resume "
+              f"{outcome.run_dir}", file=sys.stderr)
+    elif outcome.interrupted:
         print(f"Interrupted: continue with --resume {outcome.run_dir}", file=sys.stderr)
     return outcome.exit_code
 

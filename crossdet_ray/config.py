@@ -15,6 +15,9 @@ from crossdet_ray.backbones import BACKBONE_NAMES
 BACKBONES: tuple[str, ...] = BACKBONE_NAMES  # the registry's order, smallest first
 # `--mlflow` without a tracking URI: a SQLite database in the run directory.
 MLFLOW_DEFAULT = "default"
+# --pending-timeout: how long a trial may wait for a node no live node is (a cloud GPU node
+# boots and installs in 5-15 minutes); 0 waits for ever.
+DEFAULT_PENDING_TIMEOUT_S = 1800.0
 
 
 @dataclass

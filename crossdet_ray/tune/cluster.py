@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from crossdet_ray.tune.resources import (
     DEFAULT_GPU_MEMORY_GB,
     ClusterShape,
     ResourceError,
+    gpu_memory_resource,
     stated_gpu_memory_gb,
 )
 
@@ -68,6 +69,9 @@ class NodeType:
     gpu_memory_gb: float | None  # per GPU; None where the node type does not state it
     max_workers: int
     min_workers: int = 0
+    # The resource that states that memory (`gpu_memory_24gb`), which trials ask for to land
+    # on this type; None where the type states none (`--plan-for` makes one up).
+    gpu_memory_resource: str | None = field(default=None, compare=False)
 
     @property
     def total_gpus(self) -> float:
@@ -119,6 +123,7 @@ def node_types_from_autoscaling_config(config: dict[str, Any]) -> list[NodeType]
         node_types.append(NodeType(
             name=name, cpus=float(resources.get("CPU", 0)), gpus=float(resources.get("GPU", 0)),
             gpu_memory_gb=stated_gpu_memory_gb(resources),
+            gpu_memory_resource=gpu_memory_resource(resources),
             # The cluster's max_workers caps every type as well as their sum.
             max_workers=min(int(spec.get("max_workers", cluster_max)), cluster_max),
             min_workers=int(spec.get("min_workers", 0))))
@@ -135,7 +140,7 @@ def _node_types_from_gcs_cluster_config(cluster_config) -> list[NodeType]:
             name=group.name, cpus=float(resources.get("CPU", 0)),
             gpus=float(resources.get("GPU", 0)),
             gpu_memory_gb=stated_gpu_memory_gb(resources), max_workers=int(max_count),
-            min_workers=int(group.min_count)))
+            min_workers=int(group.min_count), gpu_memory_resource=gpu_memory_resource(resources)))
     return node_types
 
 
@@ -213,7 +218,8 @@ def launchable_shape(node_types: list[NodeType]) -> ClusterShape:
     types only where no type has a GPU."""
     launchable = [t for t in node_types if t.max_workers > 0]
     chosen = [t for t in launchable if t.gpus > 0] or launchable
-    nodes = tuple({"CPU": t.cpus, "GPU": t.gpus}
+    nodes = tuple({"CPU": t.cpus, "GPU": t.gpus,
+                   **({t.gpu_memory_resource: 1.0} if t.gpu_memory_resource and t.gpus else {})}
                   for t in chosen for _ in range(min(t.max_workers, UNLIMITED_NODES)))
     # A GPU whose memory its node type does not state is taken to be the planner's default.
     memory = min((t.gpu_memory_gb or DEFAULT_GPU_MEMORY_GB for t in chosen if t.gpus > 0),

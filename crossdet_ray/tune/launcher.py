@@ -27,7 +27,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from crossdet_ray.backbones import BACKBONE_NAMES, is_backbone, relative_cost
-from crossdet_ray.config import TrainConfig
+from crossdet_ray.config import DEFAULT_PENDING_TIMEOUT_S, TrainConfig
 from crossdet_ray.data import check_dataset
 from crossdet_ray.engine.json_files import dumps_json
 from crossdet_ray.engine.storage import RunStorage
@@ -42,8 +42,11 @@ from crossdet_ray.tune.resources import (
     assign_workers,
     parse_gpus_per_trial,
     check_batch_split,
+    cluster_cpus_per_trial,
+    node_totals,
     parse_workers_per_trial,
     plan_resources,
+    stated_gpu_memory_gb,
 )
 from crossdet_ray.tune.cluster import (
     ClusterDiscoveryError,
@@ -60,9 +63,11 @@ from crossdet_ray.tune.planner import (
     Plan,
     TrialRequest,
     Workload,
+    assign_gpu_types,
     format_plan,
     plan_trials,
 )
+from crossdet_ray.tune.pending import PendingTrialWatch, describe
 from crossdet_ray.tune.progress import TrialLinesReporter
 from crossdet_ray.tune.follow_up import (
     FollowUpError,
@@ -123,6 +128,7 @@ class LaunchConfig:
     plan: dict[str, Any] | None = None  # the plan this run trains by (kept in run_config.json)
     init_from: str | None = None  # a run directory: each backbone starts from its best_map_model
     mlflow: str | None = None  # a tracking URI, or follow_up.MLFLOW_DEFAULT (sqlite in the run)
+    pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S  # 0: wait for nodes for ever
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -252,7 +258,7 @@ def quiet_console() -> None:
 
 def cluster_shape() -> ClusterShape:
     alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    nodes = tuple({"CPU": float(r.get("CPU", 0)), "GPU": float(r.get("GPU", 0))} for r in alive)
+    nodes = tuple(node_totals(r) for r in alive)
     local_gpu_memory = None
     if any(n["GPU"] > 0 for n in nodes):
         import torch  # only then: seconds of import on a small CPU-only driver
@@ -265,7 +271,9 @@ def cluster_shape() -> ClusterShape:
 
 
 def nodes_of_shape(shape: ClusterShape) -> list[GpuNode]:
-    return [GpuNode(gpus=int(n.get("GPU", 0)), gpu_memory_gb=shape.gpu_memory_gb,
+    """The planner's nodes; a GPU whose memory its node does not state has the shape's."""
+    return [GpuNode(gpus=int(n.get("GPU", 0)),
+                    gpu_memory_gb=stated_gpu_memory_gb(n) or shape.gpu_memory_gb,
                     cpus=n.get("CPU", 0)) for n in shape.nodes]
 
 
@@ -305,9 +313,15 @@ def plan_run(config: LaunchConfig, specs: list[TrialSpec], shape: ClusterShape,
         resources = assign_workers(shares, workers_request, config.train.batch_size)
         plan = plan_trials(requests, nodes, workload, cpus, fixed={
             b: Allocation(gpus=r.gpu, workers=r.workers) for b, r in resources.items()})
-        # Each trial's own CPUs (a GPU share's part of its node: plan_resources), not the first's.
-        plan.trials = [dataclasses.replace(t, cpus=resources[t.backbone].cpu)
-                       for t in plan.trials]
+    resources = assign_gpu_types(
+        resources, shape.nodes, workload,
+        config.cpus_per_trial or cluster_cpus_per_trial(shape, len(specs)),
+        cpus_given=config.cpus_per_trial is not None)
+    # Each trial's own CPUs and GPU size as its node type gives them, not the first trial's.
+    plan.trials = [dataclasses.replace(
+        t, cpus=resources[t.backbone].cpu,
+        gpu_memory_gb=stated_gpu_memory_gb({resources[t.backbone].gpu_memory_resource: 1})
+        if resources[t.backbone].gpu_memory_resource else None) for t in plan.trials]
     return resources, plan
 
 
@@ -523,6 +537,8 @@ def launch(config: LaunchConfig) -> RunOutcome:
     }))
     control = RunControlCallback(start_run_control(param_space["run_control"]),
                                  config.max_failures)
+    watch = pending_watch(config, control, run_storage,
+                          launchable=shape if config.autoscaling else None)
     tuner = tune.Tuner(
         TRAINABLE,
         param_space=param_space,
@@ -536,11 +552,22 @@ def launch(config: LaunchConfig) -> RunOutcome:
             storage_filesystem=run_storage.filesystem, verbose=config.verbose,
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[control, FailureRecorder(run_storage, config.train.to_dict()),
+            callbacks=[control, watch, FailureRecorder(run_storage, config.train.to_dict()),
                        *_mlflow_callbacks(tracking_uri, run_storage)],
             progress_reporter=progress_reporter(config, data, run_storage)),
     )
-    return _fit_and_summarise(tuner, config, run_storage, dashboard_url, control)
+    return _fit_and_summarise(tuner, config, run_storage, dashboard_url, control, watch)
+
+
+def pending_watch(config: LaunchConfig, control: RunControlCallback, run_storage: RunStorage,
+                  launchable: ClusterShape | None) -> PendingTrialWatch:
+    """--pending-timeout's watch; `launchable`: the node types an autoscaler can add."""
+    kinds: dict[str, int] = {}
+    for node in (launchable.nodes if launchable else ()):
+        kinds[describe(node)] = kinds.get(describe(node), 0) + 1
+    return PendingTrialWatch(
+        config.pending_timeout_s, control.stop_run, run_storage.uri(),
+        launchable="; ".join(f"up to {n} x ({kind})" for kind, n in kinds.items()) or None)
 
 
 def refuse_unusable_run_directory(config: LaunchConfig) -> None:
@@ -662,6 +689,7 @@ def _resume(config: LaunchConfig) -> RunOutcome:
     # Where to run may change on resume; what to train may not.
     original.address, original.resume = config.address, run_uri
     original.dashboard, original.dashboard_host = config.dashboard, config.dashboard_host
+    original.pending_timeout_s = config.pending_timeout_s
     finished = _finished_summary(run_storage)
     if finished is not None:
         return RunOutcome(run_dir=run_storage.uri(), run_uri=run_storage.full_uri(),
@@ -673,20 +701,21 @@ def _resume(config: LaunchConfig) -> RunOutcome:
     dashboard_url = connect_ray(original)
     tuner = tune.Tuner.restore(run_storage.root, trainable=TRAINABLE, resume_unfinished=True,
                                resume_errored=True, storage_filesystem=run_storage.filesystem)
-    control = None
+    control = watch = None
     if saved.get("run_control") and tuner._local_tuner is not None:  # None under Ray Client
         control = RunControlCallback(start_run_control(saved["run_control"]),
                                      original.max_failures)
+        watch = pending_watch(original, control, run_storage, launchable=None)
         # Tune.restore takes no RunConfig; the restored one holds an inert copy of the callback.
         run_config = tuner._local_tuner.get_run_config()
         run_config.callbacks = [c for c in (run_config.callbacks or [])
                                 if type(c) is not tune.Callback] + [
-            control, FailureRecorder(run_storage, original.train.to_dict()),
+            control, watch, FailureRecorder(run_storage, original.train.to_dict()),
             # MLflow's logger does not survive pickling: a resumed trial gets a new MLflow run.
             *_mlflow_callbacks(saved.get("mlflow_tracking_uri"), run_storage)]
         run_config.progress_reporter = progress_reporter(original, saved.get("data", {}),
                                                          run_storage)
-    return _fit_and_summarise(tuner, original, run_storage, dashboard_url, control)
+    return _fit_and_summarise(tuner, original, run_storage, dashboard_url, control, watch)
 
 
 def progress_reporter(config: LaunchConfig, data: dict[str, Any],
@@ -715,7 +744,8 @@ def _finished_summary(run_storage: RunStorage) -> dict[str, Any] | None:
 
 def _fit_and_summarise(tuner: tune.Tuner, config: LaunchConfig, run_storage: RunStorage,
                        dashboard_url: str | None,
-                       control: RunControlCallback | None = None) -> RunOutcome:
+                       control: RunControlCallback | None = None,
+                       watch: PendingTrialWatch | None = None) -> RunOutcome:
     if dashboard_url:
         logger.info("Ray dashboard: %s (it asks for a token: `ray get-auth-token` prints it "
                     "on this machine; paste it into the page's Authentication Token field; "
@@ -742,7 +772,8 @@ def _fit_and_summarise(tuner: tune.Tuner, config: LaunchConfig, run_storage: Run
         logger.exception("could not check the trials' last reported epochs")
     summary = summarise_run(run_storage, config.to_dict(), results, wall_time,
                             interrupted=interrupted, run_error=run_error,
-                            terminated=control is not None and control.terminated.is_set())
+                            terminated=control is not None and control.terminated.is_set(),
+                            unplaceable=[t.to_dict() for t in watch.stuck] if watch else None)
     return RunOutcome(run_dir=run_storage.uri(), run_uri=run_storage.full_uri(),
                       summary=summary,
                       interrupted=summary["interrupted"], dashboard_url=dashboard_url)

@@ -30,7 +30,14 @@ from typing import Any, Iterable
 from crossdet_ray.backbones import get_backbone
 from crossdet_ray.tune.cluster import NodeType, PlanForError  # noqa: F401 (callers' error)
 from crossdet_ray.tune.cluster import parse_plan_for as parse_node_types
-from crossdet_ray.tune.resources import DEFAULT_GPU_MEMORY_GB, shared_cpus
+from crossdet_ray.tune.resources import (
+    DEFAULT_GPU_MEMORY_GB,
+    TrialResources,
+    gpu_memory_resource,
+    round_cpu_share,
+    shared_cpus,
+    stated_gpu_memory_gb,
+)
 
 REGISTRY_BATCH = 2  # the registry's memory and step time are at batch 2 ...
 REGISTRY_SIDE = 800  # ... of 800x1333 frames
@@ -101,6 +108,7 @@ class PlannedTrial:
     cpus: float
     predicted_hours: float
     memory_gb_per_worker: float
+    gpu_memory_gb: float | None = None  # the GPU size it is sent to (None: any)
 
 
 @dataclass
@@ -169,8 +177,12 @@ def simulate(requests: list[TrialRequest], allocations: list[Allocation],
              nodes: list[GpuNode], workload: Workload) -> list[float]:
     """Hours until each trial ends when Ray runs `allocations` in the given (start) order.
 
+    Each trial runs only on the nodes of the GPU size it is routed to (`routed_gpu_memory_gb`).
     A trial with no GPU is not simulated here (its hours stay 0): the GPUs never wait for it.
     """
+    sizes = gpu_sizes(nodes)
+    routed = [routed_gpu_memory_gb(r.backbone, a, workload, sizes) if a.gpus > 0 else None
+              for r, a in zip(requests, allocations)]
     work = [gpu_hours_alone(r.backbone, workload) for r in requests]
     used = {(n, g): 0.0 for n, node in enumerate(nodes) for g in range(node.gpus)}
     pending = [i for i, a in enumerate(allocations) if a.gpus > 0]
@@ -180,7 +192,7 @@ def simulate(requests: list[TrialRequest], allocations: list[Allocation],
     now = 0.0
     while pending or running:
         for index in list(pending):
-            placed = _place(allocations[index], used, nodes)
+            placed = _place(allocations[index], used, nodes, routed[index])
             if placed is not None:
                 share = allocations[index].gpus if not allocations[index].whole else 1.0
                 for gpu in placed:
@@ -211,18 +223,39 @@ def simulate(requests: list[TrialRequest], allocations: list[Allocation],
 
 
 def _place(allocation: Allocation, used: dict[tuple[int, int], float],
-           nodes: list[GpuNode]) -> list[tuple[int, int]] | None:
+           nodes: list[GpuNode], gpu_memory_gb: float | None) -> list[tuple[int, int]] | None:
+    def eligible(n: int) -> bool:
+        return gpu_memory_gb is None or nodes[n].gpu_memory_gb == gpu_memory_gb
+
     if allocation.whole:
         wanted = max(1, allocation.workers, int(allocation.gpus))
         for n, node in enumerate(nodes):
             free = [(n, g) for g in range(node.gpus) if used[(n, g)] <= 1e-9]
-            if len(free) >= wanted:
+            if eligible(n) and len(free) >= wanted:
                 return free[:wanted]
         return None
     for gpu, taken in used.items():
-        if taken + allocation.gpus <= 1 + 1e-9:
+        if eligible(gpu[0]) and taken + allocation.gpus <= 1 + 1e-9:
             return [gpu]
     return None
+
+
+# -- which GPU size a trial goes to ----------------------------------------------------------
+def gpu_sizes(nodes: Iterable[GpuNode]) -> list[float]:
+    """The GPU memory sizes among the nodes, smallest first."""
+    return sorted({n.gpu_memory_gb for n in nodes if n.gpus > 0})
+
+
+def routed_gpu_memory_gb(backbone: str, allocation: Allocation, workload: Workload,
+                         sizes: list[float]) -> float | None:
+    """The GPU size a trial is sent to: the smallest whose share holds it (a share s of a GPU
+    of M GB holds s x M), so that big GPUs stay free for the backbones only they hold; the
+    largest where none does (the plan then warns). None with one size: any GPU will do."""
+    if len(sizes) < 2:
+        return None
+    need = memory_gb(backbone, workload, workload.batch_size // allocation.workers)
+    share = 1.0 if allocation.whole else allocation.gpus
+    return next((size for size in sizes if need <= share * size + 1e-9), sizes[-1])
 
 
 # -- choosing the plan -------------------------------------------------------------------------
@@ -266,7 +299,7 @@ def plan_trials(requests: list[TrialRequest], nodes: list[GpuNode], workload: Wo
     gpu_nodes = [n for n in nodes if n.gpus > 0]
     if not gpu_nodes or (fixed is not None and not any(a.gpus for a in fixed.values())):
         return _cpu_plan(requests, nodes, workload, cpus_per_trial)
-    gpu_memory = min(n.gpu_memory_gb for n in gpu_nodes)
+    sizes = gpu_sizes(gpu_nodes)
     max_per_node = max(n.gpus for n in gpu_nodes)
     backbones = list(dict.fromkeys(r.backbone for r in requests))
     warnings = []
@@ -275,11 +308,14 @@ def plan_trials(requests: list[TrialRequest], nodes: list[GpuNode], workload: Wo
         if fixed is not None:
             options[backbone] = [fixed[backbone]]
             continue
+        # Shares are sized for the smallest GPU that holds the backbone whole (the largest if
+        # none does): its trials go there (routed_gpu_memory_gb), leaving larger GPUs free.
+        need = memory_gb(backbone, workload, workload.batch_size)
+        gpu_memory = next((size for size in sizes if need <= size), sizes[-1])
         options[backbone] = [
             a for a in candidate_allocations(backbone, workload, gpu_memory, max_per_node)
             if workers is None or a.workers == workers.get(backbone, a.workers)]
         if not options[backbone]:
-            need = memory_gb(backbone, workload, workload.batch_size)
             warnings.append(
                 f"{backbone} needs about {need:.0f} GB at batch {workload.batch_size} and "
                 f"min_size {workload.min_size}, more than a {gpu_memory:.0f} GB GPU holds even "
@@ -331,12 +367,56 @@ def plan_trials(requests: list[TrialRequest], nodes: list[GpuNode], workload: Wo
         cpus=float(cpus), predicted_hours=_hours(f),
         memory_gb_per_worker=round(memory_gb(r.backbone, workload,
                                              workload.batch_size // a.workers), 1)
-        if a.gpus > 0 else 0.0)
+        if a.gpus > 0 else 0.0,
+        gpu_memory_gb=routed_gpu_memory_gb(r.backbone, a, workload, gpu_sizes(gpu_nodes))
+        if a.gpus > 0 else None)
         for r, a, f in zip(requests, allocations, finish)]
     return Plan(trials=trials, predicted_makespan_hours=_hours(max(finish)),
                 lower_bound_hours=_hours(work / total_gpus),
                 one_gpu_each_hours=_hours(max(one_each)),
                 cluster=describe_nodes(nodes), warnings=warnings)
+
+
+def assign_gpu_types(resources: dict[str, TrialResources], nodes: Iterable[dict[str, float]],
+                     workload: Workload, cpus_per_trial: float,
+                     cpus_given: bool) -> dict[str, TrialResources]:
+    """Where each GPU trial runs and with how many CPUs, on the cluster's nodes (or node types).
+
+    Where GPUs of several sizes are stated (`gpu_memory_<N>gb`), a trial asks for the resource
+    of the size routed_gpu_memory_gb sends it to, so that Ray (and the autoscaler) places it
+    only on a node whose GPU holds it. Unless --cpus-per-trial was given, a one-process GPU
+    trial's CPUs are its GPU share of its node type's CPUs (at most `cpus_per_trial`): five
+    trials at 0.2 GPU fit beside each other on their node.
+    """
+    gpu_nodes = [n for n in nodes if n.get("GPU", 0) > 0]
+    if not gpu_nodes:
+        return resources
+    cpus_per_gpu: dict[float | None, float] = {}  # by GPU size (None: every GPU node)
+    names: dict[float, str] = {}
+    for node in gpu_nodes:
+        share = node.get("CPU", 0) / node["GPU"]
+        size = stated_gpu_memory_gb(node)
+        for key in (size, None):
+            cpus_per_gpu[key] = min(share, cpus_per_gpu.get(key, share))
+        if size is not None:
+            names[size] = gpu_memory_resource(node)
+    # A GPU that states no memory cannot be asked for by it: then no trial is routed.
+    routable = all(stated_gpu_memory_gb(n) is not None for n in gpu_nodes)
+    sizes = sorted(names) if routable else []
+    assigned = {}
+    for backbone, wanted in resources.items():
+        if not wanted.gpu > 0:
+            assigned[backbone] = wanted
+            continue
+        size = routed_gpu_memory_gb(backbone, Allocation(gpus=wanted.gpu, workers=wanted.workers),
+                                    workload, sizes)
+        cpu = wanted.cpu
+        if not cpus_given and not wanted.data_parallel:
+            cpu = min(cpus_per_trial, round_cpu_share(wanted.gpu * cpus_per_gpu[size]))
+        assigned[backbone] = TrialResources(
+            cpu=cpu, gpu=wanted.gpu, workers=wanted.workers,
+            gpu_memory_resource=names[size] if size is not None else None)
+    return assigned
 
 
 def _hours(hours: float) -> float:
@@ -414,13 +494,16 @@ def parse_plan_for(text: str) -> list[GpuNode]:
 def format_plan(plan: Plan) -> str:
     """The plan as the command prints it before training."""
     cluster = plan.cluster
+    sized = any(t.gpu_memory_gb for t in plan.trials)  # GPUs of several sizes: say which
     lines = [f"Plan for {cluster.get('gpus', 0):g} GPU(s), {cluster.get('cpus', 0):g} CPU(s) "
              f"(projected hours; see docs/scale.md):",
              f"  {'trial':<20} {'gpus':>6} {'workers':>7} {'cpus':>6} {'GB/worker':>9} "
-             f"{'hours':>8}"]
+             f"{'hours':>8}" + (f" {'on GPUs of':>10}" if sized else "")]
     for t in plan.trials:
         lines.append(f"  {t.trial:<20} {t.gpus:>6g} {t.workers:>7d} {t.cpus:>6g} "
-                     f"{t.memory_gb_per_worker:>9.1f} {t.predicted_hours:>8.2f}")
+                     f"{t.memory_gb_per_worker:>9.1f} {t.predicted_hours:>8.2f}"
+                     + (f" {f'{t.gpu_memory_gb:g} GB' if t.gpu_memory_gb else 'any':>10}"
+                        if sized else ""))
     lines.append(f"  predicted makespan {plan.predicted_makespan_hours:.2f} h; lower bound "
                  f"{plan.lower_bound_hours:.2f} h (all work / all GPUs)"
                  + (f"; one GPU per trial {plan.one_gpu_each_hours:.2f} h"

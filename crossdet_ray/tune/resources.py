@@ -25,6 +25,9 @@ class ResourceError(ValueError):
 
 # A data-parallel trial's own process only launches and relays: its workers do the training.
 DATA_PARALLEL_DRIVER_CPU = 0.1
+# What a trial holds of its node type's `gpu_memory_<N>gb` resource: a token amount that only
+# picks the node type (its GPUs, not this, limit how many trials share a node).
+GPU_MEMORY_MARKER = 0.001
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class TrialResources:
     cpu: float
     gpu: float
     workers: int = 1
+    # The `gpu_memory_<N>gb` resource of the node type whose GPUs hold this trial (None: any).
+    gpu_memory_resource: str | None = None
 
     @property
     def data_parallel(self) -> bool:
@@ -46,7 +51,11 @@ class TrialResources:
         bundle = {"CPU": self.cpu}
         if self.gpu:
             bundle["GPU"] = self.gpu
+            bundle.update(self._gpu_memory_marker())
         return bundle
+
+    def _gpu_memory_marker(self) -> dict[str, float]:
+        return {self.gpu_memory_resource: GPU_MEMORY_MARKER} if self.gpu_memory_resource else {}
 
     @property
     def worker_cpu(self) -> float:
@@ -59,6 +68,7 @@ class TrialResources:
         bundle = {"CPU": self.worker_cpu}
         if self.gpu:
             bundle["GPU"] = 1.0
+            bundle.update(self._gpu_memory_marker())
         return bundle
 
 
@@ -144,7 +154,8 @@ class ClusterShape:
 
     total_cpus: float
     total_gpus: float
-    nodes: tuple[dict[str, float], ...]  # per node {"CPU": n, "GPU": n}
+    # per node {"CPU": n, "GPU": n}, and its `gpu_memory_<N>gb` resource where it states one
+    nodes: tuple[dict[str, float], ...]
     gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB
 
 
@@ -163,9 +174,24 @@ def cluster_gpu_memory_gb(node_resources: list[dict[str, float]],
 
 def stated_gpu_memory_gb(resources: dict[str, float]) -> float | None:
     """The GB per GPU a node (type) states with `gpu_memory_<N>gb` (the smallest if several)."""
-    stated = [float(match.group(1)) for key in resources
+    key = gpu_memory_resource(resources)
+    return float(GPU_MEMORY_RESOURCE.match(key).group(1)) if key else None
+
+
+def gpu_memory_resource(resources: dict[str, float]) -> str | None:
+    """The `gpu_memory_<N>gb` key of a node's (type's) resources (the smallest N if several)."""
+    stated = [(float(match.group(1)), key) for key in resources
               if (match := GPU_MEMORY_RESOURCE.match(key))]
-    return min(stated) if stated else None
+    return min(stated)[1] if stated else None
+
+
+def node_totals(resources: dict[str, float]) -> dict[str, float]:
+    """What the plan needs of a node's resources: CPUs, GPUs and its GPU memory resource."""
+    totals = {"CPU": float(resources.get("CPU", 0)), "GPU": float(resources.get("GPU", 0))}
+    key = gpu_memory_resource(resources)
+    if key and totals["GPU"] > 0:
+        totals[key] = float(resources[key])
+    return totals
 
 
 def _floor(value: float, step: float = 0.01) -> float:
@@ -176,13 +202,19 @@ def shared_cpus(total_cpus: float, largest_node_cpus: float, num_trials: int) ->
     """Each trial's CPUs when `--cpus-per-trial` is not given: the cluster's shared out, never
     below a tenth of one (Ray then queues trials), never above one node's (a trial runs on
     one node, so no trial could get more), whole CPUs from one up."""
-    return _cpu_share(min(total_cpus / max(num_trials, 1), largest_node_cpus))
+    return round_cpu_share(min(total_cpus / max(num_trials, 1), largest_node_cpus))
 
 
-def _cpu_share(cpus: float) -> float:
+def round_cpu_share(cpus: float) -> float:
     """A share of CPUs as trials get them: never below a tenth, whole CPUs from one up."""
     cpus = max(0.1, _floor(cpus))
     return float(math.floor(cpus)) if cpus >= 1 else cpus
+
+
+def cluster_cpus_per_trial(cluster: ClusterShape, num_trials: int) -> float:
+    """The CPUs each of `num_trials` trials gets of the cluster without --cpus-per-trial."""
+    largest_node = max((n.get("CPU", 0) for n in cluster.nodes), default=cluster.total_cpus)
+    return shared_cpus(cluster.total_cpus, largest_node, num_trials)
 
 
 def plan_resources(
@@ -197,8 +229,7 @@ def plan_resources(
     num_trials = len(backbones) * num_trials_per_backbone
     given_cpus = cpus_per_trial
     if cpus_per_trial is None:
-        largest_node = max((n.get("CPU", 0) for n in cluster.nodes), default=cluster.total_cpus)
-        cpus_per_trial = shared_cpus(cluster.total_cpus, largest_node, num_trials)
+        cpus_per_trial = cluster_cpus_per_trial(cluster, num_trials)
     elif cpus_per_trial <= 0:
         raise ResourceError("--cpus-per-trial must be > 0")
 
@@ -213,7 +244,7 @@ def plan_resources(
         gpu = 0.0 if request.auto else request.share_for(backbone)
         cpu = float(cpus_per_trial)
         if given_cpus is None and gpu > 0 and per_gpu:
-            cpu = min(cpu, _cpu_share(gpu * per_gpu))
+            cpu = min(cpu, round_cpu_share(gpu * per_gpu))
         plan[backbone] = TrialResources(cpu=cpu, gpu=float(gpu))
     return plan
 
@@ -271,7 +302,8 @@ def check_feasible(plan: dict[str, TrialResources], cluster: ClusterShape,
         if wanted.data_parallel:
             _check_workers_fit(backbone, wanted, cluster)
             continue
-        fits = any(node.get("CPU", 0) >= wanted.cpu - 1e-9 and node.get("GPU", 0) >= wanted.gpu - 1e-9
+        fits = any(all(node.get(key, 0) >= amount - 1e-9
+                           for key, amount in wanted.as_bundle().items())
                    for node in cluster.nodes)
         if fits:
             continue
@@ -293,7 +325,8 @@ def _check_workers_fit(backbone: str, wanted: TrialResources, cluster: ClusterSh
     worker = wanted.worker_bundle()
     slots = sum(min(int(node.get("CPU", 0) / worker["CPU"] + 1e-9),
                     int(node.get("GPU", 0) / worker["GPU"] + 1e-9) if "GPU" in worker else 10**9)
-                for node in cluster.nodes)
+                for node in cluster.nodes
+                if not wanted.gpu_memory_resource or wanted.gpu_memory_resource in node)
     if slots >= wanted.workers:
         return
     what = f"{worker['CPU']:g} CPU" + (" and 1 GPU" if "GPU" in worker else "")

@@ -118,11 +118,11 @@ class RunControlCallback(tune.Callback):
             return
         self._next_poll = now + 0.25
         if self.stop_now.is_set():
-            self._stop_tune()
+            self.stop_run()
             return
         if self.control is None:
             if self.drain_requested.is_set():  # nobody to drain: stop as Tune would
-                self._stop_tune()
+                self.stop_run()
             return
         try:
             self._apply_no_retry(trials)
@@ -135,7 +135,7 @@ class RunControlCallback(tune.Callback):
                            "retried as Tune does", str(error).splitlines()[0][:200])
             self.control = None
             if self.drain_requested.is_set():
-                self._stop_tune()
+                self.stop_run()
 
     def _apply_no_retry(self, trials: list) -> None:
         pending = ray.get(self.control.pending_no_retry.remote())
@@ -158,13 +158,14 @@ class RunControlCallback(tune.Callback):
         if running <= drained:
             logger.warning("every running trial has saved and reported its last epoch: "
                            "stopping; continue later with --resume")
-            self._stop_tune()
+            self.stop_run()
         elif now - self._drain_started > self.drain_timeout:
             logger.warning("trials %s did not finish their checkpoints within %.0f s: stopping "
                            "anyway", sorted(running - drained), self.drain_timeout)
-            self._stop_tune()
+            self.stop_run()
 
-    def _stop_tune(self) -> None:
+    def stop_run(self) -> None:
+        """End Tune's loop gracefully: unfinished trials stay resumable."""
         if not self._stop_sent:
             self._stop_sent = True
             # Tune ends its loop gracefully on SIGUSR1 (as on its own first Ctrl-C): it saves

@@ -48,13 +48,15 @@ SUMMARY_COLUMNS = (
 )
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
+EXIT_UNPLACEABLE = 2  # a trial no node could hold, and none was launched (--pending-timeout)
 MEASURED_ALONE = "alone (evaluation)"
 
 
 def summarise_run(run_storage: RunStorage, run_config: dict[str, Any], results,
                   wall_time_sec: float, interrupted: bool = False,
                   run_error: BaseException | None = None,
-                  terminated: bool = False) -> dict[str, Any]:
+                  terminated: bool = False,
+                  unplaceable: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Record each errored trial's failure in its files, then build and write the summary.
 
     Never raises: whatever ended the run (a trial killed for memory, `tuner.fit()` raising),
@@ -81,6 +83,9 @@ def summarise_run(run_storage: RunStorage, run_config: dict[str, Any], results,
     # SIGTERM (`ray job stop`, a batch scheduler) drains as Ctrl-C does; only the exit differs.
     summary["interrupted_by"] = ("SIGTERM" if terminated else "SIGINT") if summary[
         "interrupted"] else None
+    if unplaceable:  # --pending-timeout stopped the run: trials no node could hold
+        summary["unplaceable"] = unplaceable
+        summary["interrupted_by"] = "pending_timeout"
     try:
         write_summary_files(run_storage, summary)
     except Exception:
@@ -113,11 +118,14 @@ def _write_summary_where_it_fits(run_storage: RunStorage, summary: dict[str, Any
 
 
 def run_exit_code(summary: dict[str, Any]) -> int:
-    """1 when the run itself failed; 130 when it was interrupted by Ctrl-C, 143 by SIGTERM
-    (both resumable); 1 when any
+    """1 when the run itself failed; 2 when trials waited past --pending-timeout for a node
+    that never came; 130 when it was interrupted by Ctrl-C, 143 by SIGTERM (all three
+    resumable); 1 when any
     trial did not finish (ASHA's early stop is a finish); else 0."""
     if summary.get("run_error"):
         return EXIT_FAILED
+    if summary.get("unplaceable"):
+        return EXIT_UNPLACEABLE
     if summary.get("interrupted"):
         return EXIT_TERMINATED if summary.get("interrupted_by") == "SIGTERM" else EXIT_INTERRUPTED
     finished = {"completed"}

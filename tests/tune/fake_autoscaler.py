@@ -30,6 +30,14 @@ HEAD_TYPE = "ray.head.default"  # the name the fake provider gives its head
 GPU_TYPE = "gpu_small"
 GPU_TYPE_RESOURCES = {"CPU": 1, "GPU": 1, "gpu_memory_24gb": 1}
 GPU_TYPE_MAX_WORKERS = 2
+LARGE_GPU_TYPE = "gpu_large"
+LARGE_GPU_TYPE_RESOURCES = {"CPU": 2, "GPU": 1, "gpu_memory_48gb": 1}
+# A type the cloud never launches (as with a GPU quota of 0): the fake provider starts each
+# node with the type's `object_store_memory`, and Ray refuses one of a single byte, so every
+# launch fails in the provider, as a refused EC2 RunInstances does.
+NEVER_LAUNCHED_TYPE = "gpu_no_quota"
+NEVER_LAUNCHED_TYPE_RESOURCES = {"CPU": 1, "GPU": 1, "gpu_memory_80gb": 1,
+                                 "object_store_memory": 1}
 
 
 def free_port() -> int:
@@ -38,12 +46,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def cluster_config(gcs_address: str, worker_resources: dict[str, float] | None = None,
-                   max_workers: int = GPU_TYPE_MAX_WORKERS) -> dict:
-    """A CPU-less head and one GPU node type that starts from zero workers."""
+def cluster_config(gcs_address: str) -> dict:
+    """A CPU-less head and three GPU node types that start from zero workers: up to 2 of
+    24 GB, 1 of 48 GB, and one of 80 GB that can never be launched."""
+    worker_types = {
+        GPU_TYPE: (GPU_TYPE_RESOURCES, GPU_TYPE_MAX_WORKERS),
+        LARGE_GPU_TYPE: (LARGE_GPU_TYPE_RESOURCES, 1),
+        NEVER_LAUNCHED_TYPE: (NEVER_LAUNCHED_TYPE_RESOURCES, 1),
+    }
     return {
         "cluster_name": "fake_autoscaling",
-        "max_workers": max_workers,
+        "max_workers": sum(count for _, count in worker_types.values()),
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": 5,  # nodes stay for the test's life once launched
         "provider": {
@@ -58,8 +71,9 @@ def cluster_config(gcs_address: str, worker_resources: dict[str, float] | None =
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": {
             HEAD_TYPE: {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-            GPU_TYPE: {"resources": dict(worker_resources or GPU_TYPE_RESOURCES),
-                       "node_config": {}, "min_workers": 0, "max_workers": max_workers},
+            **{name: {"resources": dict(resources), "node_config": {}, "min_workers": 0,
+                      "max_workers": count}
+               for name, (resources, count) in worker_types.items()},
         },
         "head_node_type": HEAD_TYPE,
         # The launcher reads these keys without defaults.

@@ -176,3 +176,58 @@ def test_the_gcs_cluster_config_comes_first(monkeypatch, tmp_path):
     assert a100.max_workers == cluster_module.UNLIMITED_NODES
     shape = launchable_shape([head, a100])
     assert shape.total_gpus == 8 * cluster_module.UNLIMITED_NODES and shape.gpu_memory_gb == 80
+
+
+# -- which node type each trial goes to ----------------------------------------------------------
+def sized_cluster(small_cpus: float = 8, large_cpus: float = 16) -> ClusterShape:
+    return launchable_shape(node_types_from_autoscaling_config({"available_node_types": {
+        "gpu_small": {"resources": {"CPU": small_cpus, "GPU": 1, "gpu_memory_24gb": 1},
+                      "max_workers": 4},
+        "gpu_large": {"resources": {"CPU": large_cpus, "GPU": 1, "gpu_memory_48gb": 1},
+                      "max_workers": 2}}, "max_workers": 6}))
+
+
+def plan_fixed(shares: str, shape: ClusterShape, cpus_per_trial: float | None = None):
+    """Two backbones at full size without bf16 or checkpointing: mit_b0 needs about 11 GB,
+    mit_b5 about 36 GB (its parameters, gradients and momentum alone are 2.4 GB)."""
+    backbones = ["mit_b0", "mit_b5"]
+    train = TrainConfig(backbones=backbones, epochs=2, amp="off", activation_checkpointing="off")
+    config = LaunchConfig(train=train, gpus_per_trial=shares, autoscaling=True,
+                          cpus_per_trial=cpus_per_trial)
+    workload = Workload(train_frames=100, epochs=2, batch_size=2, min_size=800, amp="off",
+                        activation_checkpointing="off")
+    return plan_run(config, trial_specs(backbones, 0.005, []), shape, workload)
+
+
+def test_each_trial_asks_for_the_smallest_gpu_size_that_holds_its_share():
+    resources, plan = plan_fixed("mit_b0=0.6,mit_b5=1", sized_cluster())
+    # 0.6 of 24 GB holds mit_b0; a whole 24 GB GPU does not hold mit_b5, a 48 GB one does.
+    assert resources["mit_b0"].gpu_memory_resource == "gpu_memory_24gb"
+    assert resources["mit_b5"].gpu_memory_resource == "gpu_memory_48gb"
+    assert resources["mit_b5"].as_bundle() == {"CPU": 16, "GPU": 1, "gpu_memory_48gb": 0.001}
+    # CPUs: the GPU share of the type's CPUs (0.6 x 8, whole CPUs from one up; 1 x 16).
+    assert (resources["mit_b0"].cpu, resources["mit_b5"].cpu) == (4, 16)
+    assert {t.backbone: (t.gpu_memory_gb, t.cpus) for t in plan.trials} == {
+        "mit_b0": (24, 4), "mit_b5": (48, 16)}
+    # A share too small for the 24 GB GPUs goes to the 48 GB ones.
+    resources, _ = plan_fixed("0.3", sized_cluster())
+    assert resources["mit_b0"].gpu_memory_resource == "gpu_memory_48gb"
+    assert resources["mit_b0"].cpu == 4  # 0.3 x 16
+
+
+def test_cpus_per_trial_given_is_kept_and_one_gpu_size_routes_nothing():
+    resources, _ = plan_fixed("1", sized_cluster(), cpus_per_trial=3)
+    assert [r.cpu for r in resources.values()] == [3, 3]
+    one_size = launchable_shape(node_types_from_autoscaling_config({"available_node_types": {
+        "gpu": {"resources": {"CPU": 8, "GPU": 1, "gpu_memory_80gb": 1}, "max_workers": 2}}}))
+    resources, _ = plan_fixed("0.5", one_size)
+    assert all(r.gpu_memory_resource is None and r.cpu == 4 for r in resources.values())
+    assert resources["mit_b0"].as_bundle() == {"CPU": 4, "GPU": 0.5}
+
+
+def test_a_gpu_node_that_states_no_memory_routes_nothing():
+    shape = ClusterShape(total_cpus=24, total_gpus=2, nodes=(
+        {"CPU": 8, "GPU": 1, "gpu_memory_24gb": 1}, {"CPU": 16, "GPU": 1}))
+    resources, _ = plan_fixed("1", shape)
+    assert all(r.gpu_memory_resource is None for r in resources.values())
+    assert all(r.cpu == 8 for r in resources.values())  # the least CPU-rich GPU node's

@@ -8,7 +8,7 @@ import pytest
 
 from crossdet_ray.tune.cluster import NodeType, _monitor_config_path, launchable_node_types
 
-from .fake_autoscaler import GPU_TYPE, GPU_TYPE_MAX_WORKERS
+from .fake_autoscaler import GPU_TYPE, GPU_TYPE_MAX_WORKERS, LARGE_GPU_TYPE, NEVER_LAUNCHED_TYPE
 
 pytestmark = pytest.mark.ray
 
@@ -28,9 +28,16 @@ def test_launchable_node_types_of_a_cluster_without_gpus_now(joined):
     import ray
 
     assert ray.cluster_resources().get("GPU", 0) == 0
-    assert launchable_node_types() == [NodeType(
-        name=GPU_TYPE, cpus=1.0, gpus=1.0, gpu_memory_gb=24.0,
-        max_workers=GPU_TYPE_MAX_WORKERS, min_workers=0)]
+    node_types = sorted(launchable_node_types(), key=lambda t: t.gpu_memory_gb)
+    assert node_types == [
+        NodeType(name=GPU_TYPE, cpus=1.0, gpus=1.0, gpu_memory_gb=24.0,
+                 max_workers=GPU_TYPE_MAX_WORKERS, min_workers=0),
+        NodeType(name=LARGE_GPU_TYPE, cpus=2.0, gpus=1.0, gpu_memory_gb=48.0, max_workers=1),
+        NodeType(name=NEVER_LAUNCHED_TYPE, cpus=1.0, gpus=1.0, gpu_memory_gb=80.0,
+                 max_workers=1)]
+    # The resource a trial asks for to land on each type.
+    assert [t.gpu_memory_resource for t in node_types] == [
+        "gpu_memory_24gb", "gpu_memory_48gb", "gpu_memory_80gb"]
     # Read from the file the running autoscaler was started with (this Ray's autoscaler
     # reports no cluster config to the GCS).
     assert _monitor_config_path() == joined.config_path
