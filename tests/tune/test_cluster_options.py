@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -70,26 +71,36 @@ def test_the_dashboard_binds_to_the_host_given_and_says_where(tiny_dataset, tmp_
     assert host == "127.0.0.2"
 
 
-@pytest.fixture
-def running_cluster(private_ray_tmpdir, tmp_path):
-    """A Ray cluster started on this machine as `ray up` starts the head's, with `ray start
-    --head` (3 CPUs, unlike this machine's own Ray), in a private RAY_TMPDIR; the test
-    connected to it to see its nodes."""
-    import ray
-
+def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def token_cluster(private_ray_tmpdir, tmp_path):
+    """A Ray cluster started on this machine as cluster.yaml starts the head's: a token made
+    with `ray get-auth-token --generate` (the README's step), `RAY_AUTH_MODE=token ray start
+    --head` (3 CPUs, unlike this machine's own Ray) with its dashboard on 127.0.0.1, in a
+    private RAY_TMPDIR. Yields the dashboard's address; the test is connected to the cluster."""
+    import ray
+
+    ray_bin = Path(sys.executable).parent / "ray"
+    subprocess.run([str(ray_bin), "get-auth-token", "--generate"], check=True,
+                   capture_output=True)
+    dashboard = f"http://127.0.0.1:{_free_port()}"
     with open(tmp_path / "ray_start.log", "wb") as log:
         head = subprocess.Popen(
-            [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
-             "--num-cpus=3", "--num-gpus=0", "--include-dashboard=false",
-             "--disable-usage-stats", "--block"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [str(ray_bin), "start", "--head", f"--port={_free_port()}", "--num-cpus=3",
+             "--num-gpus=0", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard.rsplit(':', 1)[1]}", "--disable-usage-stats",
+             "--block"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**ray_env(), "RAY_AUTH_MODE": "token"})
     try:
-        assert poll_until(lambda: _connects(), timeout=60), (
+        assert poll_until(lambda: _connects() and _answers(dashboard), timeout=90), (
             tmp_path / "ray_start.log").read_text()[-3000:]
-        yield head
+        yield dashboard
     finally:
         ray.shutdown()
         kill_session(head.pid)
@@ -105,28 +116,69 @@ def _connects() -> bool:
         return False
 
 
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=5).close()
+        return True
+    except urllib.error.HTTPError:
+        return True  # it answers, and asks for the token
+    except OSError:
+        return False
+
+
 def _alive_nodes() -> dict[str, dict]:
     import ray
 
     return {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
 
 
-def test_without_address_the_command_joins_the_cluster_running_on_its_node(
-        running_cluster, tiny_dataset, tmp_path, monkeypatch):
-    # As on the head of `ray up` (`ray attach` + the command, `ray submit`): `ray start` runs a
-    # cluster on this node, and no --address or RAY_ADDRESS names it.
+def _tracked_files(destination: Path) -> Path:
+    """The project as a clone holds it (what the README's `--working-dir .` uploads, without
+    a developer's venv, caches and wheels)."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, destination / name)
+    return destination
+
+
+def test_job_submit_and_the_command_on_the_head_train_on_the_locked_cluster(
+        token_cluster, tiny_dataset, tmp_path, monkeypatch):
+    """The README's two ways to run on a `ray up` cluster: `RAY_AUTH_MODE=token ray job submit
+    --working-dir .` of the command, and the command run on the head (`ray attach`, `ray
+    submit`) with no --address; both train on the cluster, not on a Ray of their own."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     nodes = _alive_nodes()
-    result = run(small_run(tiny_dataset, tmp_path / "logs", "joined", 1, address=None),
-                 tmp_path, "joined", own_ray=False)
-    assert result.process.returncode == 0, result.stderr[-3000:]
-    assert "joined the Ray cluster running on this node" in result.stderr
-    run_dir = tmp_path / "logs" / "joined"
-    # The trial ran on the cluster's node, and the run planned for the cluster's shape.
-    assert training_info(run_dir / "test_mit")["node_id"] in nodes
-    saved = json.loads((run_dir / "run_config.json").read_text())
-    assert saved["cluster"]["nodes"] == [{"CPU": 3.0, "GPU": 0.0}]
-    # The command left the cluster as it found it, running.
+    # Locked: the dashboard's job API refuses a request without the token.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{token_cluster}/api/jobs/", timeout=30)
+    assert refused.value.code in (401, 403)
+
+    project = _tracked_files(tmp_path / "project")
+    args = small_run(tiny_dataset, tmp_path / "logs", "submitted", 1, address=None)
+    submitted = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", token_cluster,
+         "--working-dir", ".", "--", "python", "experiments/all_backbones.py", *args],
+        cwd=project, capture_output=True, text=True, timeout=400,
+        env={**ray_env(), "RAY_AUTH_MODE": "token"})
+    assert submitted.returncode == 0, (submitted.stdout[-3000:], submitted.stderr[-3000:])
+    assert re.search(r"Job 'raysubmit_\w+' succeeded", submitted.stdout + submitted.stderr)
+
+    on_head = run(small_run(tiny_dataset, tmp_path / "logs", "on_head", 1, address=None),
+                  tmp_path, "on_head", own_ray=False)
+    assert on_head.process.returncode == 0, on_head.stderr[-3000:]
+    assert "joined the Ray cluster running on this node" in on_head.stderr
+
+    for name in ("submitted", "on_head"):
+        run_dir = tmp_path / "logs" / name
+        # The trial ran on the cluster's node, and the run planned for the cluster's shape.
+        assert training_info(run_dir / "test_mit")["node_id"] in nodes, name
+        saved = json.loads((run_dir / "run_config.json").read_text())
+        assert saved["cluster"]["nodes"] == [{"CPU": 3.0, "GPU": 0.0}], name
+        assert_trained(run_dir / "test_mit")
+    # The commands left the cluster as they found it, running.
     assert _alive_nodes().keys() == nodes.keys()
 
 
