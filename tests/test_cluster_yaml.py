@@ -2,6 +2,9 @@
 
 import json
 import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -58,6 +61,19 @@ def test_every_node_installs_the_project_with_setup_shs_pins(cluster_config):
     constraints = (ROOT / "constraints.txt").read_text()
     for name in ("torch", "torchvision", "ray"):
         assert f"\n{name}==" in constraints, name
+
+
+def test_a_node_whose_image_holds_the_pins_downloads_nothing(cluster_config):
+    """This venv holds constraints.txt's versions, as a baked image does: the setup command
+    that installs torch, torchvision and Ray, run with no package index at all, finds every
+    one of them satisfied (a pin it did not hold would need the index, and fail)."""
+    heavy = next(c for c in cluster_config["setup_commands"] if "torch torchvision" in c)
+    args = shlex.split(heavy.replace("~/crossdet_ray", str(ROOT)))
+    assert args[:4] == ["python3", "-m", "pip", "install"] and "-e" not in args
+    result = subprocess.run([sys.executable, *args[1:], "--no-index", "--dry-run"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Would install" not in result.stdout
 
 
 def test_token_authentication_on_every_node(cluster_config):
