@@ -516,7 +516,7 @@ def launch(config: LaunchConfig) -> RunOutcome:
         "trial": tune.grid_search([dataclasses.asdict(s) for s in start_order(specs)]),
         "train": config.train.to_dict(),
         "data": {k: v for k, v in data.items() if k != "report"},
-        "resources": {b: dataclasses.asdict(r) for b, r in plan.items()},
+        "resources": {b: r.to_dict() for b, r in plan.items()},
         "keep_checkpoints": config.keep_checkpoints,
         "run_control": control_actor_name(run_storage.uri()),
         "init_weights": {b: w["path"] for b, w in init_weights.items()},

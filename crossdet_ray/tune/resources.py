@@ -44,6 +44,14 @@ class TrialResources:
     def data_parallel(self) -> bool:
         return self.workers > 1
 
+    def to_dict(self) -> dict[str, float | int | str]:
+        """As run_config.json, training_info.json and the summary record it (the GPU size only
+        where the trial is sent to one)."""
+        values = {"cpu": self.cpu, "gpu": self.gpu, "workers": self.workers}
+        if self.gpu_memory_resource:
+            values["gpu_memory_resource"] = self.gpu_memory_resource
+        return values
+
     def as_bundle(self) -> dict[str, float]:
         """What the trial's own process holds (a data-parallel trial's workers hold the rest)."""
         if self.data_parallel:
