@@ -4,8 +4,9 @@
 On an autoscaling cluster the nodes alive now say little: a `ray up cluster.yaml` cluster
 starts with a CPU-only head and adds GPU workers on demand, so `--gpus-per-trial auto` must
 plan for the node types the autoscaler may launch. They are read, in this order, from
-- the cluster config the GCS holds (`autoscaler_pb2.ClusterConfig`, reported by autoscalers
-  that publish it, e.g. KubeRay's; the same record Ray Data sizes itself from);
+- the cluster config the GCS holds (`autoscaler_pb2.ClusterConfig`, where an autoscaler
+  publishes one: none of Ray 2.60's does, KubeRay's included, so rayjob.yaml mounts the node
+  types on the head as the bootstrap file below; the same record Ray Data sizes itself from);
 - the autoscaling config file the running autoscaler (Ray's `monitor.py`, started by
   `ray start --head --autoscaling-config=FILE`) was given: its pid is in the status the
   autoscaler writes to the GCS every update, and its command line names the file;
