@@ -89,13 +89,17 @@ def test_auto_without_gpus_or_known_node_types_is_refused(tiny_dataset, tmp_path
 
 
 def test_each_trial_lands_on_the_gpu_size_that_holds_it_with_that_types_cpu_share(
-        fake_autoscaling_cluster, tiny_dataset, tmp_path):
+        fake_autoscaling_cluster, tmp_path):
     """At 0.1 GPU per trial, test_mit (about 1 GB at 64 px) fits 0.1 of a 24 GB GPU; mit_b5
     (its 197 M parameters alone take 2.4 GB with gradients and momentum) does not, but fits
     0.1 of a 48 GB one. Each lands there, with 0.1 of its node type's CPUs."""
+    from crossdet_ray.synthetic import generate_dataset
+
     cluster = fake_autoscaling_cluster
+    # 4 frames (3 to train, 1 to test): where each trial lands is the point, not what it learns.
+    data = generate_dataset(tmp_path / "data", 4, seed=0, sizes=[(64, 64)])
     command = run(("--address", cluster.address, "--autoscaling", "--gpus-per-trial", "0.1",
-                   "--backbones", "test_mit", "mit_b5", "--epochs", "1", "--data", tiny_dataset,
+                   "--backbones", "test_mit", "mit_b5", "--epochs", "1", "--data", str(data),
                    "--min-size", "64", "--max-size", "64", "--num-workers", "0",
                    "--log-dir", str(tmp_path / "logs"), "--name", "sized", "--no-evaluate",
                    "--verbose", "0"),
