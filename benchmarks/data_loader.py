@@ -19,7 +19,7 @@ from tabulate import tabulate
 from torch.utils.data import DataLoader
 
 from crossdet_ray.data import NpyYoloDataset, collate_detection
-from crossdet_ray.tune.datasets import ensure_dataset, synthetic_spec
+from crossdet_ray.data.resolve import ensure_dataset, synthetic_spec
 
 
 def loader_images_per_sec(data_dir: str, workers: int, batch: int, passes: int) -> float:

@@ -41,7 +41,7 @@ from crossdet_ray.config import TrainConfig
 from crossdet_ray.engine import train as train_module
 from crossdet_ray.engine.run_logs import SeedLogWriter
 from crossdet_ray.engine.storage import RunStorage
-from crossdet_ray.tune.datasets import ensure_dataset, synthetic_spec
+from crossdet_ray.data.resolve import ensure_dataset, synthetic_spec
 from crossdet_ray.tune.reporter import TrialReporter
 
 PHASES = ("scheduler + stop check", "evaluation", "checkpoint dict", "epoch end (reporter)",

@@ -62,7 +62,7 @@ from crossdet_ray.engine.host_memory import retain_freed_host_memory
 from crossdet_ray.engine.run_logs import SeedLogWriter
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.models import build_detector
-from crossdet_ray.tune.datasets import ensure_dataset, synthetic_spec
+from crossdet_ray.data.resolve import ensure_dataset, synthetic_spec
 from crossdet_ray.tune.reporter import TrialReporter
 
 # Relative, at step 1. In float32 the RPN's proposal choices can flip with rounding, moving

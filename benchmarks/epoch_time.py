@@ -19,7 +19,7 @@ from tabulate import tabulate
 
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.engine.train import fit, select_device
-from crossdet_ray.tune.datasets import ensure_dataset, synthetic_spec
+from crossdet_ray.data.resolve import ensure_dataset, synthetic_spec
 
 
 def main() -> None:

@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     wall = None
     if "wall" in args.parts:
-        from crossdet_ray.tune.datasets import ensure_dataset, synthetic_spec
+        from crossdet_ray.data.resolve import ensure_dataset, synthetic_spec
 
         data_dir = ensure_dataset(synthetic_spec(args.images, 0))
         config = run_train_config(args, data=data_dir, batch_size=args.batch_size, device="cuda")

@@ -24,7 +24,7 @@ from crossdet_ray.config import TrainConfig
 from crossdet_ray.engine.run_logs import SeedLogWriter
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.engine.train import fit
-from crossdet_ray.tune.datasets import ensure_dataset, synthetic_spec
+from crossdet_ray.data.resolve import ensure_dataset, synthetic_spec
 
 
 def ray_startup_cost() -> float:

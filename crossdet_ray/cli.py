@@ -35,7 +35,7 @@ def _describe_preset(name: str) -> str:
 
 def _frame_size(text: str) -> int | str:
     """--synthetic-frame-size: a side (square frames) or HEIGHTxWIDTH."""
-    from crossdet_ray.synthetic import MIN_FRAME_SIDE
+    from crossdet_ray.data.synthetic import MIN_FRAME_SIDE
 
     parts = text.lower().split("x")
     if len(parts) in (1, 2) and all(part.isdigit() and int(part) >= MIN_FRAME_SIDE

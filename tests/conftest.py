@@ -28,7 +28,7 @@ from tests.s3 import S3_CREDENTIALS, S3Server  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """12 frames of 64x64 px: about 9 train and 3 test frames."""
-    from crossdet_ray.synthetic import generate_dataset
+    from crossdet_ray.data.synthetic import generate_dataset
 
     out = tmp_path_factory.mktemp("tiny_data")
     generate_dataset(out, 12, seed=0, sizes=[(64, 64)])
@@ -39,7 +39,7 @@ def tiny_dataset(tmp_path_factory):
 def quick_start_set(tmp_path_factory):
     """The quick start's built-in set (`--preset quick`): 40 frames of 96x144 px, seed 0, one
     or two large objects each (35-55 % of the short side); 32 train and 8 test frames."""
-    from crossdet_ray.synthetic import generate_dataset
+    from crossdet_ray.data.synthetic import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("quick_start_set"), 40, seed=0,
                             sizes=[(96, 144)], max_objects=2, object_scale=(0.35, 0.55))

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-size", type=int, default=None,
                         help="detector resize, longer side cap (default: the run's)")
     parser.add_argument("--address", default=None,
-                        help="a running Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+                        help="a running Ray cluster (default: RAY_ADDRESS, else the cluster "
+                             "`ray start` runs on this node, else a Ray of its own; `local`: "
+                             "always a Ray of its own)")
     return parser
 
 

@@ -12,12 +12,12 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
+
+from crossdet_ray.tune.connection import RayConnectionError, connect_ray
 
 from crossdet_ray.analysis.plots import (
     pareto_front,
@@ -83,7 +83,10 @@ def evaluate_run(run_dir: str, *, data: str | None = None, checkpoint: str = "be
 
 
 def evaluate(plan: EvaluationPlan, address: str | None = None) -> EvaluationOutcome:
-    started_ray = _connect_ray(address)
+    try:
+        started_ray = connect_ray(address).started_here
+    except RayConnectionError as error:
+        raise EvaluationError(str(error)) from error
     try:
         jobs = _jobs(plan)
         accuracy = _accuracy_passes(jobs)
@@ -95,23 +98,6 @@ def evaluate(plan: EvaluationPlan, address: str | None = None) -> EvaluationOutc
 
 
 # -- Ray -----------------------------------------------------------------------------------
-def _connect_ray(address: str | None) -> bool:
-    """Join `address` / RAY_ADDRESS, or start a local Ray; True when this call started it."""
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    try:
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING)
-        else:
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise EvaluationError(f"cannot start or reach {where}: {error}; check --address / "
-                              "RAY_ADDRESS") from error
-    return True
-
-
 def _fit_to_cluster(trial: TrialSource, trials: int) -> tuple[float, float]:
     """The trial's (cpu, gpu) share, within what the cluster has: a run trained on GPUs is
     evaluated on the CPU of a machine without one (with a warning), never left waiting. A

@@ -291,7 +291,7 @@ def _run_data(config: dict[str, Any], run: RunStorage) -> tuple[str, RemoteListi
     if resolved and (Path(resolved) / "labels").is_dir():
         return str(resolved), None
     if data.get("kind") == "synthetic":
-        from crossdet_ray.tune.datasets import ensure_dataset
+        from crossdet_ray.data.resolve import ensure_dataset
 
         return ensure_dataset({k: v for k, v in data.items()
                                if k not in ("resolved_path", "report")}), None

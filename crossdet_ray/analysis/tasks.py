@@ -54,7 +54,7 @@ def _device(job: TrialJob) -> torch.device:
 def _dataset(job: TrialJob) -> NpyYoloDataset:
     data_dir = job.data_dir
     if job.data_listing is not None:  # this node's copy, fetched by the first task here
-        from crossdet_ray.tune.datasets import default_cache
+        from crossdet_ray.data.resolve import default_cache
 
         data_dir = fetch_remote_dataset(job.data_listing, default_cache()).path
     return NpyYoloDataset(data_dir, split=job.split, test_size=job.test_size,

@@ -86,15 +86,22 @@ def _coco_truth(ground_truths: Sequence[dict], image_sizes: Sequence[tuple[int, 
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
+def coco_results(image_id: int | str, predicted: dict, min_score: float = 0.0) -> list[dict]:
+    """One frame's detections ("boxes" xyxy, "labels", "scores": arrays or CPU tensors) in
+    COCO's results format: bbox [x, y, width, height] in the frame's pixels, category_id the
+    detector's label (YOLO class + 1); those scoring below `min_score` left out. The one
+    formatter of detections: evaluation, the evaluation's files and prediction use it."""
+    labels = np.asarray(predicted["labels"]).reshape(-1)
+    scores = np.asarray(predicted["scores"]).reshape(-1)
+    return [{"image_id": image_id, "category_id": int(label),
+             "bbox": [float(v) for v in box], "score": float(score)}
+            for box, label, score in zip(_xyxy_to_xywh(predicted["boxes"]), labels, scores)
+            if score >= min_score]
+
+
 def _coco_detections(predictions: Sequence[dict]) -> list[dict]:
-    detections = []
-    for image_id, predicted in enumerate(predictions):
-        labels = np.asarray(predicted["labels"]).reshape(-1)
-        scores = np.asarray(predicted["scores"]).reshape(-1)
-        for box, label, score in zip(_xyxy_to_xywh(predicted["boxes"]), labels, scores):
-            detections.append({"image_id": image_id, "category_id": int(label),
-                               "bbox": [float(v) for v in box], "score": float(score)})
-    return detections
+    return [entry for image_id, predicted in enumerate(predictions)
+            for entry in coco_results(image_id, predicted)]
 
 
 def _run_cocoeval(dataset: dict[str, list], detections: list[dict]) -> COCOeval | None:

@@ -22,6 +22,7 @@ from crossdet_ray.config import TrainConfig
 from crossdet_ray.data import NpyYoloDataset, collate_detection
 from crossdet_ray.engine.checkpoint import CheckpointError
 from crossdet_ray.engine.storage import RunStorage
+from crossdet_ray.engine import evaluate
 from crossdet_ray.engine.evaluate import CocoReport, coco_report, predict
 from crossdet_ray.models import build_detector, count_parameters
 
@@ -147,19 +148,10 @@ def detect(detector: LoadedDetector, dataset: NpyYoloDataset, device: torch.devi
 
 
 def coco_results(detections: Detections, min_score: float = 0.0) -> list[dict[str, Any]]:
-    """COCO results format: image_id = the frame's file stem, category_id = YOLO class + 1
-    (the detector's label), bbox [x, y, w, h] in pixels of the original frame."""
-    results = []
-    for frame, predicted in zip(detections.frames, detections.predictions):
-        stem = Path(frame).stem
-        for box, label, score in zip(predicted["boxes"], predicted["labels"],
-                                     predicted["scores"]):
-            if score < min_score:
-                continue
-            x1, y1, x2, y2 = (float(v) for v in box)
-            results.append({"image_id": stem, "category_id": int(label),
-                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
-    return results
+    """Every frame's detections in COCO's results format (engine.evaluate.coco_results), each
+    frame's image_id its file stem."""
+    return [entry for frame, predicted in zip(detections.frames, detections.predictions)
+            for entry in evaluate.coco_results(Path(frame).stem, predicted, min_score)]
 
 
 def frame_errors(truths: Sequence[dict], predictions: Sequence[dict], iou: float = 0.5,

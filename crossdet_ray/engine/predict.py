@@ -20,6 +20,7 @@ from crossdet_ray.data import load_frame
 from crossdet_ray.data.npy_header import read_npy_header
 from crossdet_ray.engine import inference
 from crossdet_ray.engine.checkpoint import CheckpointError
+from crossdet_ray.engine.evaluate import coco_results
 
 logger = logging.getLogger(__name__)
 
@@ -41,20 +42,6 @@ class PredictConfig:
     draw: bool = True
 
 
-def load_detector(path: str | Path, device: torch.device, min_size: int | None = None,
-                  max_size: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The detector of a crossdet_ray (or CrossAttentionDet) checkpoint, in eval mode, and
-    what it was built from: {"backbone", "num_classes", "min_size", "max_size", "epoch"}.
-    The evaluation's loader (engine/inference.py), so both resize as training did."""
-    try:
-        loaded = inference.load_detector(path, device, min_size, max_size)
-    except CheckpointError as error:
-        raise PredictError(str(error)) from error
-    return loaded.model, {"backbone": loaded.backbone, "num_classes": loaded.num_classes,
-                          "min_size": loaded.min_size, "max_size": loaded.max_size,
-                          "epoch": loaded.epoch}
-
-
 def frame_files(input_path: str | Path) -> list[Path]:
     """The .npy frames named by INPUT: one file, or every .npy in a folder (sorted)."""
     path = Path(input_path)
@@ -68,20 +55,6 @@ def frame_files(input_path: str | Path) -> list[Path]:
             raise PredictError(f"{path} holds no .npy frames")
         return files
     raise PredictError(f"{path} does not exist; pass a .npy frame or a folder of them")
-
-
-def coco_detections(image_id: str, output: dict[str, torch.Tensor],
-                    score_threshold: float) -> list[dict[str, Any]]:
-    """COCO results entries of one frame: bbox [x, y, width, height] in its pixels."""
-    entries = []
-    for box, label, score in zip(output["boxes"].tolist(), output["labels"].tolist(),
-                                 output["scores"].tolist()):
-        if score < score_threshold:
-            continue
-        x1, y1, x2, y2 = box
-        entries.append({"image_id": image_id, "category_id": int(label),
-                        "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
-    return entries
 
 
 @torch.no_grad()
@@ -105,13 +78,20 @@ def predict(config: PredictConfig) -> dict[str, Any]:
 
     files = frame_files(config.input)
     device = select_device(config.device)
-    model, built = load_detector(config.checkpoint, device, config.min_size, config.max_size)
+    try:
+        loaded = inference.load_detector(config.checkpoint, device, config.min_size,
+                                         config.max_size)
+    except CheckpointError as error:
+        raise PredictError(str(error)) from error
+    model = loaded.model
+    built = {"backbone": loaded.backbone, "num_classes": loaded.num_classes,
+             "min_size": loaded.min_size, "max_size": loaded.max_size, "epoch": loaded.epoch}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     detections = []
     drawn = []
     for path, frame, output in predict_frames(model, files, device):
-        detections += coco_detections(path.stem, output, config.score_threshold)
+        detections += coco_results(path.stem, output, config.score_threshold)
         if config.draw:
             from crossdet_ray.engine.drawing import draw_detections
 
@@ -138,5 +118,4 @@ def _write_json(path: Path, value: Any) -> None:
     temporary.replace(path)  # atomic: a reader never sees half a file
 
 
-__all__ = ["PredictConfig", "PredictError", "coco_detections", "frame_files",
-           "load_detector", "predict", "predict_frames"]
+__all__ = ["PredictConfig", "PredictError", "frame_files", "predict", "predict_frames"]

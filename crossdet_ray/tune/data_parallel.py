@@ -42,6 +42,8 @@ from crossdet_ray.engine.train import NullListener, TrainingStopped, fit
 from crossdet_ray.tune.reporter import TrialReporter, announce_to_tune
 from crossdet_ray.tune.resources import TrialResources, torch_threads_for
 from crossdet_ray.tune.run_control import TrialControl
+from crossdet_ray.tune.trial_runtime import (dataset_for_trial, run_fit, this_process, trial_device,
+                                             trial_writer)
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +150,6 @@ def train_with_workers(config: dict[str, Any], train_config: TrainConfig,
 
 
 def _placement(use_gpu: bool) -> dict[str, Any]:
-    from crossdet_ray.tune.trainable import this_process
 
     context = ray.train.get_context()
     where = {"rank": context.get_world_rank(), "local_rank": context.get_local_rank(),
@@ -173,7 +174,6 @@ def ray_worker_group(device: torch.device) -> WorkerGroup:
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: the engine's fit on its share of each global batch."""
-    from crossdet_ray.tune.trainable import dataset_for_trial, run_fit, trial_device, trial_writer
 
     config = loop_config["trial_config"]
     trial = config["trial"]

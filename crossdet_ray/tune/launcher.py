@@ -33,7 +33,7 @@ from crossdet_ray.engine.json_files import dumps_json
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.data.remote import (DATASET_LISTING_FILE, RemoteListing, inspect_remote_dataset,
                                       is_remote, printable_uri)
-from crossdet_ray.tune.datasets import ensure_dataset, folder_spec, remote_spec, synthetic_spec
+from crossdet_ray.data.resolve import ensure_dataset, folder_spec, remote_spec, synthetic_spec
 from crossdet_ray.tune.resources import (
     ClusterShape,
     TrialResources,
@@ -55,6 +55,8 @@ from crossdet_ray.tune.cluster import (
     parse_plan_for,
     refuse_cpu_trials,
 )
+from crossdet_ray.tune.connection import RayConnectionError
+from crossdet_ray.tune.connection import connect_ray as connect_to_ray
 from crossdet_ray.tune.disk import disk_shortfall, estimate_run_bytes, free_bytes
 from crossdet_ray.tune.failures import FailureRecorder
 from crossdet_ray.tune.planner import (
@@ -187,56 +189,14 @@ def default_run_name() -> str:
 
 
 # -- Ray ---------------------------------------------------------------------------------------
-PRIVATE_RAY = "local"  # --address local: a new Ray for this run only
-
-
 def connect_ray(config: LaunchConfig) -> str | None:
-    """Join `--address` / RAY_ADDRESS; else the cluster `ray start` runs on this node (the head
-    of `ray up`, where `ray job submit`, `ray submit` and `ray attach` run the command), as
-    `ray.init()` does; else, or with `--address local`, start a Ray of this run's own with its
-    dashboard on 127.0.0.1."""
-    if ray.is_initialized():
-        return None
+    """Ray for this run (tune/connection.py); the dashboard's URL where there is one to log."""
     quiet_console()
-    address = config.address or os.environ.get("RAY_ADDRESS")
     try:
-        context = None
-        if address and address != PRIVATE_RAY:
-            context = ray.init(address=address, logging_level=logging.WARNING)
-        elif address is None:
-            try:
-                context = ray.init(address="auto", logging_level=logging.WARNING)
-                address = "auto"
-                logger.info("joined the Ray cluster running on this node (--address local "
-                            "starts a Ray of this run's own instead)")
-            except ConnectionError:  # none runs here
-                pass
-            except ray.exceptions.AuthenticationError:
-                # No token on this machine: Ray refuses before looking for a cluster. A cluster
-                # `ray up` started has one file-mounted, so none runs here that we could join.
-                logger.info("no Ray auth token on this machine (~/.ray/auth_token): not joining "
-                            "a cluster; starting a Ray of this run's own")
-        if context is None:
-            address = None
-            context = ray.init(address=PRIVATE_RAY, include_dashboard=config.dashboard,
-                               dashboard_host=config.dashboard_host,
-                               logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise LaunchError(f"cannot start or reach {where}: {error}; check --address / "
-                          "RAY_ADDRESS (or --address local for a Ray of this run's own)"
-                          ) from error
-    url = getattr(context, "dashboard_url", None)
-    if not url:
-        return None
-    url = url.removeprefix("http://")
-    if not address and config.dashboard_host not in ("0.0.0.0", "::"):
-        # Ray publishes the node's IP for any host but localhost; the dashboard listens only
-        # on the host given, so that is the address that answers.
-        port = url.rsplit(":", 1)[-1]
-        host = f"[{config.dashboard_host}]" if ":" in config.dashboard_host else config.dashboard_host
-        url = f"{host}:{port}"
-    return f"http://{url}"
+        return connect_to_ray(config.address, dashboard=config.dashboard,
+                              dashboard_host=config.dashboard_host).dashboard_url
+    except RayConnectionError as error:
+        raise LaunchError(str(error)) from error
 
 
 class _TokenWarningFilter(logging.Filter):

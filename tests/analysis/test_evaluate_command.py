@@ -31,6 +31,10 @@ GOOD = ("test_mit", "test_mit_lr0.01")
 
 
 def run_evaluate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The command in a Ray of its own (`--address local`), unless `args` name an address:
+    without one it would join a cluster `ray start` runs on this machine."""
+    if "--address" not in args:
+        args = (*args, "--address", "local")
     process = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "evaluate.py"), *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                cwd=cwd, env=ray_env(), start_new_session=True)
@@ -277,7 +281,7 @@ def test_a_folder_of_checkpoints(tiny_dataset, tmp_path, capsys):
     # In this process: the command as a subprocess is the run directory's test above.
     code = main([str(folder), "--checkpoint-pattern", "*.pth", "--data", tiny_dataset,
                  "--min-size", str(SIZE), "--max-size", str(SIZE), "--out",
-                 str(tmp_path / "out")])
+                 str(tmp_path / "out"), "--address", "local"])
     assert code == 0, capsys.readouterr().err[-3000:]
     with open(tmp_path / "out" / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from crossdet_ray.data import NpyYoloDataset, check_dataset
-from crossdet_ray.synthetic import generate_dataset, is_night, main
+from crossdet_ray.data.synthetic import generate_dataset, is_night, main
 
 SMALL = [(64, 64)]
 
@@ -157,7 +157,7 @@ def test_events_outline_objects(tmp_path):
 def test_module_runs_from_the_command_line(tmp_path):
     out = tmp_path / "cli"
     result = subprocess.run(
-        [sys.executable, "-m", "crossdet_ray.synthetic", str(out), "--num-images", "3",
+        [sys.executable, "-m", "crossdet_ray.data.synthetic", str(out), "--num-images", "3",
          "--seed", "4", "--sizes", "32x32", "40x48"],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -41,7 +41,7 @@ def two_epoch_fit(tmp_path_factory):
     halving the lr after each epoch."""
     from crossdet_ray.config import TrainConfig
     from crossdet_ray.engine.train import fit
-    from crossdet_ray.synthetic import generate_dataset
+    from crossdet_ray.data.synthetic import generate_dataset
 
     data = tmp_path_factory.mktemp("engine_data")
     generate_dataset(data, 12, seed=0, sizes=[(64, 64)])

@@ -21,7 +21,7 @@ SCORE_THRESHOLD = 0.05
 
 @pytest.fixture(scope="module")
 def frames(tmp_path_factory) -> Path:
-    from crossdet_ray.synthetic import generate_dataset
+    from crossdet_ray.data.synthetic import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("predict_data"), 5, seed=3,
                             sizes=[FRAME_SIZE])

@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = args.data
         if data is None:
-            from crossdet_ray.synthetic import generate_dataset
+            from crossdet_ray.data.synthetic import generate_dataset
 
             data = str(generate_dataset(work / "data", 8, seed=0))
         result = check(data, work, args.screenshot, args.epochs)

@@ -93,7 +93,7 @@ def test_each_trial_lands_on_the_gpu_size_that_holds_it_with_that_types_cpu_shar
     """At 0.1 GPU per trial, test_mit (about 1 GB at 64 px) fits 0.1 of a 24 GB GPU; mit_b5
     (its 197 M parameters alone take 2.4 GB with gradients and momentum) does not, but fits
     0.1 of a 48 GB one. Each lands there, with 0.1 of its node type's CPUs."""
-    from crossdet_ray.synthetic import generate_dataset
+    from crossdet_ray.data.synthetic import generate_dataset
 
     cluster = fake_autoscaling_cluster
     # 4 frames (3 to train, 1 to test): where each trial lands is the point, not what it learns.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from crossdet_ray.synthetic import generate_dataset
+from crossdet_ray.data.synthetic import generate_dataset
 
 from .helpers import (assert_trained, kill_session, poll_until, ray_env, run, small_run, start,
                       training_info)
@@ -235,7 +235,7 @@ def test_the_builtin_dataset_is_made_once_then_reused(tmp_path, monkeypatch):
     # Reused as it was: the same files, neither rewritten nor replaced, and no new folder.
     assert _files(dataset) == made
     assert sorted(p.name for p in cache.iterdir()) == ["synthetic_n8_seed0_64px"]
-    assert "crossdet_ray.synthetic" not in second.stderr, second.stderr[-3000:]
+    assert "crossdet_ray.data.synthetic" not in second.stderr, second.stderr[-3000:]
 
 
 def test_autoscaling_with_fixed_gpu_shares_takes_cpus_from_the_node_types(tmp_path):

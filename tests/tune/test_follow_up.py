@@ -28,7 +28,7 @@ TRIALS = ("test_mit_lr0.01", "test_mit_lr0.005")
 
 @pytest.fixture(scope="module")
 def easy_dataset(tmp_path_factory) -> Path:
-    from crossdet_ray.synthetic import generate_dataset
+    from crossdet_ray.data.synthetic import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("follow_up_data"), FRAMES, seed=0,
                             sizes=[FRAME_SIZE], max_objects=MAX_OBJECTS,

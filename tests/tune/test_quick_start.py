@@ -104,7 +104,7 @@ def test_readme_quick_start_trains_all_five_and_fits_its_disk(tmp_path):
 
 def test_synthetic_frame_size_takes_a_side_or_height_by_width(capsys):
     from crossdet_ray.cli import parse_args
-    from crossdet_ray.tune.datasets import frame_sizes
+    from crossdet_ray.data.resolve import frame_sizes
 
     assert frame_sizes(parse_args(["--synthetic-frame-size", "96X144"]).synthetic_frame_size) \
         == [(96, 144)]

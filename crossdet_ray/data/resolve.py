@@ -18,7 +18,7 @@ from typing import Any
 
 from crossdet_ray.data.errors import DatasetError
 from crossdet_ray.data.remote import FetchRecord, RemoteListing, fetch_remote_dataset
-from crossdet_ray.synthetic import generate_dataset
+from crossdet_ray.data.synthetic import generate_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ depend only on the seed and the frame's index: the same (seed, N) gives identica
 the first N frames of a larger set are the same files. `RandomState` is used rather than
 `default_rng` because numpy freezes its streams across versions.
 
-    python -m crossdet_ray.synthetic OUT --num-images 64 --seed 0 [--sizes 64x64 240x320]
+    python -m crossdet_ray.data.synthetic OUT --num-images 64 --seed 0 [--sizes 64x64 240x320]
 
 `max_objects` and `object_scale` make an easier set than the real-like default (e.g. 1-2 boxes
 of 35-55 % of the short side: `--max-objects 2 --object-scale 0.35 0.55`), one a small detector
@@ -308,7 +308,7 @@ def generate_dataset(out_dir: str | os.PathLike, num_images: int, seed: int = 0,
     for name, default in (("max_objects", MAX_OBJECTS), ("object_scale", OBJECT_SCALE)):
         if getattr(config, name) == default:
             del described[name]
-    metadata = {"generator": "crossdet_ray.synthetic", **described, "num_boxes": num_boxes,
+    metadata = {"generator": "crossdet_ray.data.synthetic", **described, "num_boxes": num_boxes,
                 "num_day": scene_counts[DAY], "num_night": scene_counts[NIGHT]}
     _write_atomically(out_dir / METADATA_FILE,
                       (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode("ascii"))
@@ -329,7 +329,7 @@ def _frame_size(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m crossdet_ray.synthetic",
+        prog="python -m crossdet_ray.data.synthetic",
         description="Write a synthetic RGB-thermal-event dataset (images/*.npy + YOLO "
                     "labels/*.txt), deterministic per seed.")
     parser.add_argument("out", help="output folder (created; files of the same name replaced)")
