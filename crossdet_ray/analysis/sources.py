@@ -17,17 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from crossdet_ray.data import DatasetError, NpyYoloDataset
-from crossdet_ray.data.remote import (DATASET_LISTING_FILE, RemoteListing, inspect_remote_dataset,
+from crossdet_ray.run_files import (BEST_LOSS_FILE, BEST_MAP_FILE, CHECKPOINT_DIR,
+                                    DATASET_LISTING_FILE, EPOCH_LOG, RUN_CONFIG_FILE,
+                                    final_complete_checkpoint)
+from crossdet_ray.data.remote import (RemoteListing, inspect_remote_dataset,
                                       is_remote, printable_uri)
 from crossdet_ray.engine.inference import backbone_from_name
 from crossdet_ray.engine.storage import RunStorage
 
 
-RUN_CONFIG_FILE = "run_config.json"
-EPOCH_LOG = "logs/epoch_metrics.csv"
 CHECKPOINT_CHOICES = ("best_map", "best", "final")
-BEST_MAP_FILE = "best_map_model.pth"
-BEST_LOSS_FILE = "best_model.pth"
 DEFAULT_PATTERN = "*.pth"
 
 
@@ -89,7 +88,7 @@ def _logged_checkpoint(trial: RunStorage, logged_path: str) -> str | None:
         return None
     if trial.is_local and Path(logged_path).is_file():
         return logged_path
-    relative = f"checkpoints/{posixpath.basename(logged_path.partition('?')[0])}"
+    relative = f"{CHECKPOINT_DIR}/{posixpath.basename(logged_path.partition('?')[0])}"
     return trial.full_uri(relative) if trial.exists(relative) else None
 
 
@@ -108,17 +107,17 @@ def choose_checkpoint(trial: RunStorage, backbone: str, choice: str,
         return trial.full_uri(relative) if trial.exists(relative) else None
 
     if choice == "best":
-        relative = f"checkpoints/{BEST_LOSS_FILE}"
+        relative = BEST_LOSS_FILE
         location = kept(relative)
         return (location, None, None) if location else (
             None, None, f"no {trial.uri(relative)}: the trial saved no epoch")
     if choice == "final":
-        relative = f"checkpoints/{backbone}_final_complete.pth"
+        relative = final_complete_checkpoint(backbone)
         location = kept(relative)
         return (location, None, None) if location else (
             None, None, f"no {trial.uri(relative)}: the trial did not finish (try --checkpoint "
             "best_map)")
-    location = kept(f"checkpoints/{BEST_MAP_FILE}")
+    location = kept(BEST_MAP_FILE)
     if location:
         return location, None, None
     log = trial.uri(EPOCH_LOG)
@@ -135,7 +134,7 @@ def choose_checkpoint(trial: RunStorage, backbone: str, choice: str,
         path = _logged_checkpoint(trial, row.get("checkpoint_path", ""))
         if path is not None:
             return path, int(row["epoch"]), None
-    return None, None, (f"the epoch files of {trial.uri('checkpoints')} with a test mAP were "
+    return None, None, (f"the epoch files of {trial.uri(CHECKPOINT_DIR)} with a test mAP were "
                         "pruned (--keep-checkpoints); use --checkpoint best or final")
 
 

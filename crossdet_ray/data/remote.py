@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 PREFLIGHT_STREAMS = 32  # requests in flight while the driver reads labels and headers
 FETCH_STREAMS = 16  # downloads in flight on a node
 HEADER_BYTES = 1024  # numpy.save's header is 128 bytes for a plain array; more is re-read
-DATASET_LISTING_FILE = "dataset_listing.json"  # in the run directory: what every node checks
 COMPLETE_MARK = ".crossdet_complete.json"  # written last into a finished cache folder
 _CHUNK_BYTES = 8 << 20
 

@@ -174,17 +174,27 @@ class BackgroundWriter:
                 self._executor = None
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint (a path or a bucket URI) on the CPU with weights_only=True; a clear
-    CheckpointError when it is not one."""
+def read_checkpoint_file(path: str | Path) -> tuple[Any, str]:
+    """What a checkpoint file holds (a path or a bucket URI; loaded on the CPU with
+    weights_only=True) and its name for messages (a URI without its options). The one reader
+    of checkpoint files: resuming (load_checkpoint) and inference (engine.inference) use it.
+    CheckpointError naming the file when it is missing or cannot be read."""
     storage, name = RunStorage.for_file(path)
+    source = storage.uri(name)
     try:
-        checkpoint = storage.load_torch_file(name)
+        return storage.load_torch_file(name), source
     except FileNotFoundError as error:
-        raise CheckpointError(f"checkpoint {storage.uri(name)} does not exist") from error
+        raise CheckpointError(f"checkpoint {source} does not exist") from error
     except Exception as error:  # torch raises many types for a corrupt or foreign file
-        raise CheckpointError(f"checkpoint {storage.uri(name)} cannot be read: {error}") from error
-    return validate_checkpoint(checkpoint, storage.uri(name))
+        # torch's first sentence says what failed; the rest is advice about trusting pickles.
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
+        raise CheckpointError(f"checkpoint {source} cannot be read ({reason}): a damaged file "
+                              "or not a torch checkpoint") from error
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint to resume training from; CheckpointError when it is not one."""
+    return validate_checkpoint(*read_checkpoint_file(path))
 
 
 def validate_checkpoint(checkpoint: Any, source: str) -> dict[str, Any]:

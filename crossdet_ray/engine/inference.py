@@ -20,8 +20,7 @@ from torch.utils.data import DataLoader
 from crossdet_ray.backbones import BACKBONE_NAMES, BACKBONE_REGISTRY, is_backbone
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.data import NpyYoloDataset, collate_detection
-from crossdet_ray.engine.checkpoint import CheckpointError
-from crossdet_ray.engine.storage import RunStorage
+from crossdet_ray.engine.checkpoint import CheckpointError, read_checkpoint_file
 from crossdet_ray.engine import evaluate
 from crossdet_ray.engine.evaluate import CocoReport, coco_report, predict
 from crossdet_ray.models import build_detector, count_parameters
@@ -65,17 +64,7 @@ class CheckpointContents:
 def read_checkpoint(path: str | os.PathLike) -> CheckpointContents:
     """What a checkpoint file holds; CheckpointError naming the file and what is wrong when
     it is not a CrossAttentionDet checkpoint."""
-    storage, name = RunStorage.for_file(path)
-    path = storage.uri(name)  # for messages: a path, or the URI without its options
-    try:
-        loaded = storage.load_torch_file(name)
-    except FileNotFoundError as error:
-        raise CheckpointError(f"checkpoint {path} does not exist") from error
-    except Exception as error:  # torch raises many types for a corrupt or foreign file
-        # torch's first sentence says what failed; the rest is advice about trusting pickles.
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
-        raise CheckpointError(f"checkpoint {path} cannot be read ({reason}): a damaged file "
-                              "or not a torch checkpoint") from error
+    loaded, path = read_checkpoint_file(path)
     if isinstance(loaded, dict) and isinstance(loaded.get("model_state_dict"), dict):
         state, backbone = loaded["model_state_dict"], loaded.get("backbone")
         epoch = int(loaded["epoch"]) if loaded.get("epoch") is not None else None

@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from crossdet_ray.run_files import (BATCH_LOG, BEST_LOSS_FILE, BEST_MAP_FILE, EPOCH_LOG, INFO_FILE,
+                                     final_checkpoint, final_complete_checkpoint)
 from crossdet_ray.engine.checkpoint import (
     BackgroundWriter,
     CheckpointError,
@@ -52,11 +54,6 @@ BATCH_COLUMNS = (
 )
 EPOCH_FILE = re.compile(r"^epoch_(\d{3,})_loss_.*\.pth$")
 PARTIAL_FILE = re.compile(r"\.tmp-[0-9a-f]{8}$")  # RunStorage's temporary names
-EPOCH_LOG = "logs/epoch_metrics.csv"
-BATCH_LOG = "logs/batch_metrics.csv"
-INFO_FILE = "logs/training_info.json"
-BEST_LOSS_FILE = "checkpoints/best_model.pth"  # the seed's: the lowest training loss
-BEST_MAP_FILE = "checkpoints/best_map_model.pth"  # ours: the highest test mAP
 
 # What `report` receives with a committed epoch: the checkpoint's relative path and the
 # epoch's log entry {"epoch", "epoch_row", "batch_rows"}, so whoever is told of the checkpoint
@@ -266,8 +263,8 @@ class SeedLogWriter:
 
     def on_train_end(self, summary: TrainingSummary, checkpoint: dict[str, Any]) -> None:
         self.wait_for_checkpoints()
-        final = f"checkpoints/{self.backbone}_final.pth"
-        complete = f"checkpoints/{self.backbone}_final_complete.pth"
+        final = final_checkpoint(self.backbone)
+        complete = final_complete_checkpoint(self.backbone)
         # CPU copies: a file written on a GPU must load on a machine without one.
         self.storage.save_torch(snapshot(checkpoint["model_state_dict"]), final)
         if self.last_checkpoint and checkpoint["epoch"] == self._last_epoch:

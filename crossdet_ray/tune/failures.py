@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 import ray
 from ray import tune
 
+from crossdet_ray.run_files import ERROR_FILE, FAILURES_FILE, INFO_FILE
 from crossdet_ray.engine.json_files import dumps_json
 from crossdet_ray.engine.storage import RunStorage
 
@@ -37,9 +38,6 @@ KILLED = "killed"
 DISK_FULL = "disk_full"
 ERROR = "error"
 
-INFO_FILE = "logs/training_info.json"
-ERROR_FILE = "logs/error.txt"  # Tune's full error text, beside our logs
-FAILURES_FILE = "logs/failures.json"  # one entry per failed attempt (the retry policy's memory)
 TUNE_ERROR_FILE = "error.txt"  # Tune's own, in the trial directory
 
 # Tune's error file holds every failure of a trial, each headed like this.

@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 
 from crossdet_ray.config import MLFLOW_DEFAULT
 from crossdet_ray.engine.storage import RunStorage
+from crossdet_ray.run_files import BEST_MAP_FILE, INFO_FILE, RUN_CONFIG_FILE
 
 
 class FollowUpError(ValueError):
@@ -25,7 +26,7 @@ def _source_trials(run: RunStorage) -> list[dict[str, Any]]:
     """The source run's trials: from its run_config.json, else its folders (a backbone's
     folder is named after it)."""
     try:
-        return json.loads(run.read_text("run_config.json"))["trials"]
+        return json.loads(run.read_text(RUN_CONFIG_FILE))["trials"]
     except (OSError, ValueError, KeyError):
         selector = pafs.FileSelector(run.root, allow_not_found=True)
         return [{"name": posixpath.basename(info.path), "backbone": posixpath.basename(info.path)}
@@ -34,7 +35,6 @@ def _source_trials(run: RunStorage) -> list[dict[str, Any]]:
 
 
 def _info(trial: RunStorage) -> dict[str, Any]:
-    from crossdet_ray.engine.run_logs import INFO_FILE  # (run_logs imports torch: only here)
 
     try:
         return json.loads(trial.read_text(INFO_FILE))
@@ -51,12 +51,11 @@ def resolve_init_weights(run_dir: str, backbones: list[str]) -> dict[str, dict[s
     """{backbone: {"path", "trial", "best_map", "best_map_epoch"}} of `run_dir`'s (a folder
     or a bucket URI) best_map_model.pth for every backbone; among an LR grid's trials, the
     best one's. "path" is a location every node opens: a path, or the URI with its options."""
-    from crossdet_ray.engine.run_logs import BEST_MAP_FILE  # (imports torch: only for --init-from)
 
     source = RunStorage.from_uri(run_dir.rstrip("/") if "://" in run_dir else run_dir)
     try:
         is_run = source.filesystem.get_file_info(source.root).type == pafs.FileType.Directory \
-            or source.exists("run_config.json")
+            or source.exists(RUN_CONFIG_FILE)
     except OSError as error:
         raise FollowUpError(f"--init-from: {source.uri()} cannot be read ({error})") from error
     if not is_run:

@@ -31,7 +31,9 @@ from crossdet_ray.config import DEFAULT_PENDING_TIMEOUT_S, TrainConfig
 from crossdet_ray.data import check_dataset
 from crossdet_ray.engine.json_files import dumps_json
 from crossdet_ray.engine.storage import RunStorage
-from crossdet_ray.data.remote import (DATASET_LISTING_FILE, RemoteListing, inspect_remote_dataset,
+from crossdet_ray.run_files import (DATASET_LISTING_FILE, FINAL_SUMMARY_FILE, PLAN_FILE,
+                                    RUN_CONFIG_FILE)
+from crossdet_ray.data.remote import (RemoteListing, inspect_remote_dataset,
                                       is_remote, printable_uri)
 from crossdet_ray.data.resolve import ensure_dataset, folder_spec, remote_spec, synthetic_spec
 from crossdet_ray.tune.resources import (
@@ -89,10 +91,8 @@ from crossdet_ray.tune.trainable import train_backbone
 
 logger = logging.getLogger(__name__)
 
-RUN_CONFIG_FILE = "run_config.json"
 UNLIMITED_RETRIES = -1  # --max-failures -1: Tune restarts a trial however often it fails
 REMOTE_KEEP_CHECKPOINTS = 1  # epoch checkpoints per trial when --log-dir is a bucket
-PLAN_FILE = "plan.json"
 MLFLOW_EXPERIMENT = "crossdet_ray"  # every run's trials, told apart by their run_dir tag
 
 
@@ -692,7 +692,7 @@ def _finished_summary(run_storage: RunStorage) -> dict[str, Any] | None:
     """The run's final_summary.json when every trial in it completed (else None): resuming
     such a run has nothing to do and must change none of its files."""
     try:
-        summary = json.loads(run_storage.read_text("final_summary.json"))
+        summary = json.loads(run_storage.read_text(FINAL_SUMMARY_FILE))
     except (OSError, ValueError):
         return None
     results = summary.get("results") or []

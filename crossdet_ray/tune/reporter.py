@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ray import tune
 
+from crossdet_ray.run_files import PROGRESS_FILE
 from crossdet_ray.engine.json_files import dumps_json
 
 if TYPE_CHECKING:  # types only: the driver imports this module and never needs torch
@@ -74,7 +75,6 @@ def announce_to_tune(metrics: dict[str, Any], pointer: dict[str, Any]) -> None:
 Announce = Callable[[dict[str, Any], dict[str, Any]], None]
 
 
-PROGRESS_FILE = "logs/progress.json"  # the newest batch: epoch, batch, loss, wall time
 PROGRESS_INTERVAL_SEC = 5.0
 
 

@@ -22,6 +22,8 @@ from tabulate import tabulate
 
 from crossdet_ray.engine.json_files import dumps_json
 from crossdet_ray.engine.storage import RunStorage
+from crossdet_ray.run_files import (EPOCH_LOG, FINAL_SUMMARY_FILE, RUN_CONFIG_FILE,
+                                    TRAINING_CURVES_FILE)
 from crossdet_ray.tune.failures import (
     ANSI_ESCAPE,
     UNFINISHED,
@@ -98,9 +100,9 @@ def summarise_run(run_storage: RunStorage, run_config: dict[str, Any], results,
 def _write_summary_where_it_fits(run_storage: RunStorage, summary: dict[str, Any]) -> None:
     """final_summary.json in the run directory, or (a full disk, a lost bucket) in the
     system's temporary folder; `summary["summary_path"]` says where it went."""
-    summary["summary_path"] = run_storage.uri("final_summary.json")
+    summary["summary_path"] = run_storage.uri(FINAL_SUMMARY_FILE)
     try:
-        run_storage.write_text("final_summary.json", dumps_json(summary))
+        run_storage.write_text(FINAL_SUMMARY_FILE, dumps_json(summary))
         return
     except Exception as error:
         reason = first_line(str(error))
@@ -140,9 +142,9 @@ def _trial_specs(run_storage: RunStorage, verdicts: dict[str, TrialVerdict]
                  ) -> list[dict[str, Any]]:
     """The run's trials in the user's order, from run_config.json (Tune's names without it)."""
     try:
-        return json.loads(run_storage.read_text("run_config.json"))["trials"]
+        return json.loads(run_storage.read_text(RUN_CONFIG_FILE))["trials"]
     except (OSError, ValueError, KeyError) as error:
-        logger.warning("cannot read the trials of %s: %s", run_storage.uri("run_config.json"),
+        logger.warning("cannot read the trials of %s: %s", run_storage.uri(RUN_CONFIG_FILE),
                        error)
         return [{"name": n, "backbone": n.split("_lr")[0], "lr": None} for n in verdicts]
 
@@ -174,8 +176,8 @@ def _trial_row(run_storage: RunStorage, spec: dict[str, Any], verdict: TrialVerd
     trial_storage = run_storage.child(spec["name"])
     info = read_info(trial_storage) or {}
     epochs = None
-    if trial_storage.exists("logs/epoch_metrics.csv"):
-        epochs = pd.read_csv(io.BytesIO(trial_storage.read_bytes("logs/epoch_metrics.csv")))
+    if trial_storage.exists(EPOCH_LOG):
+        epochs = pd.read_csv(io.BytesIO(trial_storage.read_bytes(EPOCH_LOG)))
 
     verdict = verdict or TrialVerdict()
     status = info.get("status", "not_started")
@@ -503,7 +505,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def write_summary_files(run_storage: RunStorage, summary: dict[str, Any]) -> None:
     curves = summary.pop("_curves", None)
-    run_storage.write_text("final_summary.json", dumps_json(summary))
+    run_storage.write_text(FINAL_SUMMARY_FILE, dumps_json(summary))
     frame = pd.DataFrame(summary["results"], columns=list(SUMMARY_COLUMNS))
     frame["resources"] = frame["resources"].map(lambda r: json.dumps(r) if r else None)
     run_storage.write_text("summary.csv", frame.to_csv(index=False))
@@ -512,7 +514,7 @@ def write_summary_files(run_storage: RunStorage, summary: dict[str, Any]) -> Non
     run_storage.write_bytes("summary.parquet", buffer.getvalue())
     if curves is not None and len(curves):
         run_name = posixpath.basename(run_storage.root)
-        run_storage.write_bytes("training_curves.png", _curves_png(curves, run_name))
+        run_storage.write_bytes(TRAINING_CURVES_FILE, _curves_png(curves, run_name))
 
 
 def _curves_png(curves: pd.DataFrame, run_name: str) -> bytes:

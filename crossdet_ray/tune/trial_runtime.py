@@ -105,7 +105,8 @@ def dataset_for_trial(config: dict[str, Any], trial_storage: RunStorage,
     A folder this node lacks, or a bucket object changed since the preflight, fails the trial
     without a retry: a restart would find the same.
     """
-    from crossdet_ray.data.remote import DATASET_LISTING_FILE, DatasetChangedError, RemoteListing
+    from crossdet_ray.data.remote import DatasetChangedError, RemoteListing
+    from crossdet_ray.run_files import DATASET_LISTING_FILE
     from crossdet_ray.data.resolve import DataNotOnNodeError, node_dataset
 
     spec = config["data"]

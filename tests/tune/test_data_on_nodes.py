@@ -14,7 +14,7 @@ import torch
 
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.tune import launcher
-from crossdet_ray.tune.failures import FAILURES_FILE
+from crossdet_ray.run_files import FAILURES_FILE
 from crossdet_ray.tune.launcher import LaunchConfig, launch
 
 from .helpers import run_in_process, small_run, training_info

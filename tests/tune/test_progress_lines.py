@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.tune.progress import STATUS_CHANGE_GAP_SEC, TrialLinesReporter
-from crossdet_ray.tune.reporter import PROGRESS_FILE
+from crossdet_ray.run_files import PROGRESS_FILE
 
 
 def _trial(name: str, status: str, **result) -> SimpleNamespace:
