@@ -76,10 +76,13 @@ def pareto_png(points: dict[str, tuple[float, float]]) -> bytes:
     return _png(figure)
 
 
-def training_curves_png(curves: dict[str, dict[str, list]]) -> bytes:
-    """Every trial's test mAP and mean loss per epoch, overlaid.
+def training_curves_png(curves: dict[str, dict[str, list]], title: str | None = None) -> bytes:
+    """Every trial's test mAP and mean loss per epoch, overlaid: the one training-curves
+    picture (the run's training_curves.png, the evaluation's curves.png).
     `curves`: {trial: {"epoch": [...], "map": [...], "loss": [...]}} (None where missing)."""
     figure = Figure(figsize=(11, 4))
+    if title:
+        figure.suptitle(title, fontsize=12)
     map_axes, loss_axes = figure.subplots(1, 2)
     for name, values in curves.items():
         epochs = values.get("epoch", [])
@@ -89,7 +92,10 @@ def training_curves_png(curves: dict[str, dict[str, list]]) -> bytes:
                 axes.plot(*zip(*pairs), marker="o", markersize=3, linewidth=1.4, label=name)
     map_axes.set(xlabel="epoch", ylabel="test mAP@[.5:.95]", title="Test mAP per epoch")
     loss_axes.set(xlabel="epoch", ylabel="mean training loss", title="Loss per epoch")
-    map_axes.set_ylim(bottom=0.0)
+    # mAP lives in [0, 1]: from 0, with room above the best, also when every value is 0.
+    best = max((v for values in curves.values() for v in values.get("map", []) if v is not None),
+               default=0.0)
+    map_axes.set_ylim(0.0, min(1.0, max(0.05, best * 1.15)))
     for axes in (map_axes, loss_axes):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.title.set_fontsize(10)

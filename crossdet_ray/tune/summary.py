@@ -518,33 +518,16 @@ def write_summary_files(run_storage: RunStorage, summary: dict[str, Any]) -> Non
 
 
 def _curves_png(curves: pd.DataFrame, run_name: str) -> bytes:
-    import matplotlib
+    """The run's training_curves.png: the evaluation's training-curves picture (analysis/plots)
+    of the trials' epoch rows."""
+    from crossdet_ray.analysis.plots import training_curves_png  # matplotlib: only when drawn
 
-    matplotlib.use("Agg")  # no display on cluster nodes
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    figure, (loss_axis, map_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
-    best_map = 0.0
+    by_trial = {}
     for trial, frame in curves.groupby("trial", sort=True):
         frame = frame.sort_values("epoch")
-        loss_axis.plot(frame["epoch"], frame["avg_loss"], marker="o", label=trial)
-        if "map" in frame and frame["map"].notna().any():
-            map_axis.plot(frame["epoch"], frame["map"], marker="o", label=trial)
-            best_map = max(best_map, float(frame["map"].max()))
-    loss_axis.set(title="Training loss", xlabel="epoch", ylabel="average loss")
-    map_axis.set(title="Test mAP (COCO 0.50:0.95)", xlabel="epoch", ylabel="mAP")
-    # mAP lives in [0, 1]: start at 0 and leave room above the best, also when all are 0.
-    map_axis.set_ylim(0, min(1.0, max(0.05, best_map * 1.15)))
-    for axis in (loss_axis, map_axis):
-        axis.grid(alpha=0.3)
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
-    # One legend beside the plots, so that it covers no line.
-    handles, labels = loss_axis.get_legend_handles_labels()
-    figure.legend(handles, labels, loc="center right", fontsize=9, title="trial")
-    figure.suptitle(f"{run_name}: training curves", fontsize=12)
-    figure.tight_layout(rect=(0, 0, 0.88, 1))
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+        maps = frame["map"] if "map" in frame else pd.Series([None] * len(frame))
+        by_trial[str(trial)] = {
+            "epoch": [int(e) for e in frame["epoch"]],
+            "loss": [None if pd.isna(v) else float(v) for v in frame["avg_loss"]],
+            "map": [None if pd.isna(v) else float(v) for v in maps]}
+    return training_curves_png(by_trial, title=f"{run_name}: training curves")
