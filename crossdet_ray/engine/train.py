@@ -324,6 +324,221 @@ def train_one_epoch(model, optimizer, loader, device, epoch: int, listener,
     return {**sums, "batches": batches, "images": images_seen}
 
 
+@dataclass
+class Training:
+    """What one backbone's training works with, built once by `set_up`."""
+
+    config: TrainConfig
+    backbone: str
+    device: torch.device
+    group: WorkerGroup
+    train_set: NpyYoloDataset
+    test_set: NpyYoloDataset
+    num_classes: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    amp: bool
+
+    def checkpoint(self, epoch: int, loss: float, progress: "Progress") -> dict[str, Any]:
+        return build_checkpoint(
+            epoch=epoch, backbone=self.backbone, model=self.model, optimizer=self.optimizer,
+            scheduler=self.scheduler, loss=loss, best_loss=progress.best_loss,
+            best_epoch=progress.best_epoch, config=self.config.to_dict(),
+            history=progress.history, num_classes=self.num_classes)
+
+
+@dataclass
+class Progress:
+    """How far training has come, over every attempt: each epoch's history and the bests."""
+
+    # elapsed_sec: seconds since the run first started, at each epoch's end, over every attempt.
+    history: dict[str, list] = field(default_factory=lambda: {
+        "epoch_losses": [], "epoch_times": [], "learning_rates": [], "images_per_sec": [],
+        "map": [], "map50": [], "map75": [], "elapsed_sec": []})
+    start_epoch: int = 1
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    best_map_epoch: int = 0
+    best_map: float | None = None
+
+    @property
+    def elapsed_before(self) -> float:
+        """Seconds the earlier attempts trained (0 on a fresh start)."""
+        return self.history["elapsed_sec"][-1] if self.history["elapsed_sec"] else 0.0
+
+
+def set_up(config: TrainConfig, backbone: str, data_dir: str, device: torch.device,
+           group: WorkerGroup) -> Training:
+    """The datasets, the model on `device`, its optimizer and schedule."""
+    train_set, test_set = build_datasets(config, data_dir)
+    num_classes = max(train_set.num_classes, test_set.num_classes) + 1  # + background
+    model = build_model(config, backbone, num_classes, device).to(device)
+    optimizer, scheduler = build_optimizer(config, model)
+    return Training(config=config, backbone=backbone, device=device, group=group,
+                    train_set=train_set, test_set=test_set, num_classes=num_classes,
+                    model=model, optimizer=optimizer, scheduler=scheduler,
+                    amp=use_amp(config, device))
+
+
+def resume(training: Training, resume_from: dict[str, Any] | None
+           ) -> tuple[Progress, dict[str, Any] | None]:
+    """Where training starts: after `resume_from`'s epoch (its weights, optimizer, schedule and
+    history), else from `config.init_weights` (weights only: the optimizer and schedule start
+    afresh with `config.lr`), else from scratch. Also returns where the weights came from
+    (--init-from's file), recorded even on resume, when they are not loaded again."""
+    config, backbone = training.config, training.backbone
+    progress = Progress()
+    init_from = {"path": config.init_weights, "epoch": None} if config.init_weights else None
+    if resume_from is None:
+        if config.init_weights:
+            source = load_initial_weights(training.model, backbone, config.init_weights)
+            init_from["epoch"] = source.get("epoch")
+        return progress, init_from
+    checkpoint = validate_checkpoint(resume_from, "the resume checkpoint")
+    if checkpoint["backbone"] != backbone:
+        raise ValueError(f"the resume checkpoint is of {checkpoint['backbone']}, not {backbone}")
+    training.model.load_state_dict(checkpoint["model_state_dict"])
+    training.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+    training.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+    progress.start_epoch = int(checkpoint["epoch"]) + 1
+    progress.best_loss = float(checkpoint["best_loss"])
+    progress.best_epoch = int(checkpoint["best_epoch"])
+    progress.history.update({k: list(v) for k, v in checkpoint.get("history", {}).items()})
+    progress.best_map_epoch, progress.best_map = best_map_of(progress.history["map"])
+    history = progress.history
+    if len(history["elapsed_sec"]) != len(history["epoch_losses"]):
+        # A checkpoint from before elapsed_sec (or the reference's): its epochs' own times.
+        history["elapsed_sec"] = list(itertools.accumulate(history["epoch_times"]))
+    logger.info("%s: resuming at epoch %d of %d", backbone, progress.start_epoch, config.epochs)
+    return progress, init_from
+
+
+def build_loaders(training: Training, start_epoch: int
+                  ) -> tuple[DataLoader, DataLoader, torch.Generator, torch.Generator]:
+    """The training and test loaders, with the generators that seed each epoch's order.
+
+    Loader workers start once and serve every epoch (and every evaluation): restarting them
+    at each epoch forked the whole training process again, whose next steps then paid a
+    copy-on-write fault for every page they wrote. The shuffle has its own generator, seeded
+    per epoch, so the order does not depend on whether workers are restarted.
+    """
+    config, group, device = training.config, training.group, training.device
+    generator, shuffle_generator = torch.Generator(), torch.Generator()
+    persistent = config.num_workers > 0
+    train_loader = group.prepare_loader(DataLoader(
+        training.train_set, batch_size=group.per_worker_batch(config.batch_size),
+        sampler=RandomSampler(training.train_set, generator=shuffle_generator),
+        num_workers=config.num_workers, collate_fn=collate_detection, generator=generator,
+        pin_memory=device.type == "cuda", persistent_workers=persistent))
+    test_loader = DataLoader(training.test_set, batch_size=config.batch_size, shuffle=False,
+                             num_workers=config.num_workers, collate_fn=collate_detection,
+                             persistent_workers=persistent)
+    if (persistent and group.is_main and config.evaluate_every_epoch and len(training.test_set)
+            and start_epoch <= config.epochs):
+        # Fork the test loader's workers now, beside the training loader's, while this
+        # process holds little more than the weights: forked at the first evaluation, they
+        # would share every page of the step's retained memory (engine/host_memory.py), and
+        # the next epoch would pay a copy-on-write fault for each page it writes.
+        iter(test_loader)
+    return train_loader, test_loader, generator, shuffle_generator
+
+
+def run_epoch(training: Training, progress: Progress, epoch: int, loaders, listener,
+              train_model: torch.nn.Module, clock_start: float) -> EpochMetrics:
+    """Train epoch `epoch`, evaluate it (main worker), and record it in `progress`.
+    `clock_start`: the perf_counter reading at which the run (every attempt) began."""
+    config, device, group = training.config, training.device, training.group
+    train_loader, test_loader, generator, shuffle_generator = loaders
+    torch.manual_seed(_epoch_seed(config, epoch))
+    seed_epoch_order(generator, shuffle_generator, _epoch_seed(config, epoch))
+    if isinstance(train_loader.sampler, DistributedSampler):
+        # Its shuffle is seeded by (its seed + epoch): a new order each epoch, the same
+        # on every worker, and the same again on resume.
+        train_loader.sampler.set_epoch(_epoch_seed(config, epoch))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    learning_rate = training.optimizer.param_groups[0]["lr"]
+    epoch_start = time.perf_counter()
+    sums = train_one_epoch(train_model, training.optimizer, train_loader, device, epoch,
+                           listener, amp=training.amp, group=group)
+    epoch_time = time.perf_counter() - epoch_start
+    training.scheduler.step()
+
+    _check_stop(listener, f"after epoch {epoch}'s last batch", group)
+    eval_start = time.perf_counter()
+    # The main worker evaluates the whole test split; the others go on to the next epoch
+    # and wait for it at the first gradient all-reduce.
+    metrics = (evaluate_coco(training.model, test_loader, device, training.num_classes)
+               if group.is_main and config.evaluate_every_epoch and len(training.test_set)
+               else None)
+    eval_time = time.perf_counter() - eval_start
+
+    batches = max(sums["batches"], 1)
+    avg_loss = sums["loss"] / batches
+    is_best = avg_loss < progress.best_loss
+    if is_best:
+        progress.best_loss, progress.best_epoch = avg_loss, epoch
+    # The first epoch reaching the highest mAP; a later tie does not move it.
+    is_best_map = metrics is not None and (progress.best_map is None
+                                           or metrics.map > progress.best_map)
+    if is_best_map:
+        progress.best_map, progress.best_map_epoch = metrics.map, epoch
+    images_per_sec = sums["images"] / epoch_time if epoch_time > 0 else 0.0
+    for key, value in (("epoch_losses", avg_loss), ("epoch_times", epoch_time),
+                       ("learning_rates", learning_rate), ("images_per_sec", images_per_sec),
+                       ("map", metrics.map if metrics else None),
+                       ("map50", metrics.map50 if metrics else None),
+                       ("map75", metrics.map75 if metrics else None),
+                       ("elapsed_sec", time.perf_counter() - clock_start)):
+        progress.history[key].append(value)
+    return EpochMetrics(
+        epoch=epoch, avg_loss=avg_loss, total_loss=sums["loss"], epoch_time_sec=epoch_time,
+        learning_rate=learning_rate, is_best=is_best,
+        **{name: sums[name] / batches for name in LOSS_COMPONENTS},
+        images_per_sec=images_per_sec,
+        map=metrics.map if metrics else None, map50=metrics.map50 if metrics else None,
+        map75=metrics.map75 if metrics else None, eval_time_sec=eval_time,
+        peak_memory_mb=peak_memory_mb(device), best_epoch=progress.best_epoch,
+        best_loss=progress.best_loss, timestamp=_now(), is_best_map=is_best_map,
+        best_map_epoch=progress.best_map_epoch, best_map=progress.best_map,
+    )
+
+
+def finish(training: Training, progress: Progress, clock_start: float) -> TrainingSummary:
+    """The main worker's summary: the bests, the mean training speed, and the inference time
+    measured now on the test split (`clock_start` as for run_epoch)."""
+    history = progress.history
+    infer_started = time.time()
+    timing = measure_inference(training.model, training.test_set, training.device)
+    infer_window = (infer_started, time.time())
+    epochs_done = len(history["epoch_losses"])
+
+    def index_of(epoch: int) -> int | None:
+        return epoch - 1 if 0 < epoch <= epochs_done else None
+
+    def at(key: str, epoch: int):
+        index = index_of(epoch)
+        return history[key][index] if index is not None else None
+
+    speeds = [v for v in history["images_per_sec"] if v]
+    return TrainingSummary(
+        backbone=training.backbone, num_classes=training.num_classes,
+        num_parameters=count_parameters(training.model), device=str(training.device),
+        epochs_completed=epochs_done, best_epoch=progress.best_epoch,
+        best_loss=progress.best_loss,
+        final_loss=history["epoch_losses"][-1] if epochs_done else math.nan,
+        map=at("map", progress.best_epoch), map50=at("map50", progress.best_epoch),
+        map75=at("map75", progress.best_epoch),
+        train_images_per_sec=sum(speeds) / len(speeds) if speeds else 0.0,
+        infer_ms_per_image=timing.infer_ms_per_image, fps=timing.fps,
+        total_time_sec=time.perf_counter() - clock_start, history=history,
+        best_map_epoch=progress.best_map_epoch, best_map=progress.best_map,
+        best_map50=at("map50", progress.best_map_epoch),
+        best_map75=at("map75", progress.best_map_epoch), infer_window=infer_window,
+    )
+
+
 def fit(
     config: TrainConfig,
     backbone: str,
@@ -333,10 +548,8 @@ def fit(
     device: torch.device | None = None,
     group: WorkerGroup | None = None,
 ) -> TrainingSummary:
-    """Train `backbone` for `config.epochs` epochs, resuming after `resume_from` when given.
-
-    Without `resume_from`, training starts from `config.init_weights` when it names a
-    checkpoint (weights only: the optimizer and schedule start afresh with `config.lr`).
+    """Train `backbone` for `config.epochs` epochs, resuming after `resume_from` when given:
+    set up, resume, one epoch at a time, finish.
 
     `group`: this process is one of several data-parallel workers (see engine/parallel.py).
     Every worker resumes from the same checkpoint and trains on its share of each global
@@ -348,174 +561,46 @@ def fit(
     device = device or select_device(config.device)
     run_start, run_started_at = time.perf_counter(), time.time()
 
-    train_set, test_set = build_datasets(config, data_dir)
-    num_classes = max(train_set.num_classes, test_set.num_classes) + 1  # + background
-    model = build_model(config, backbone, num_classes, device).to(device)
-    amp = use_amp(config, device)
-    optimizer, scheduler = build_optimizer(config, model)
-
-    # elapsed_sec: seconds since the run first started, at each epoch's end, over every attempt.
-    history: dict[str, list] = {"epoch_losses": [], "epoch_times": [], "learning_rates": [],
-                                "images_per_sec": [], "map": [], "map50": [], "map75": [],
-                                "elapsed_sec": []}
-    start_epoch, best_loss, best_epoch = 1, math.inf, 0
-    best_map_epoch, best_map = 0, None
-    # Where the weights came from: recorded even on resume, when they are not loaded again.
-    init_from = {"path": config.init_weights, "epoch": None} if config.init_weights else None
-    if resume_from is None and config.init_weights:
-        source = load_initial_weights(model, backbone, config.init_weights)
-        init_from["epoch"] = source.get("epoch")
-    if resume_from is not None:
-        checkpoint = validate_checkpoint(resume_from, "the resume checkpoint")
-        if checkpoint["backbone"] != backbone:
-            raise ValueError(f"the resume checkpoint is of {checkpoint['backbone']}, not {backbone}")
-        model.load_state_dict(checkpoint["model_state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
-        scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
-        start_epoch = int(checkpoint["epoch"]) + 1
-        best_loss, best_epoch = float(checkpoint["best_loss"]), int(checkpoint["best_epoch"])
-        history.update({k: list(v) for k, v in checkpoint.get("history", {}).items()})
-        best_map_epoch, best_map = best_map_of(history["map"])
-        if len(history["elapsed_sec"]) != len(history["epoch_losses"]):
-            # A checkpoint from before elapsed_sec (or the reference's): its epochs' own times.
-            history["elapsed_sec"] = list(itertools.accumulate(history["epoch_times"]))
-        logger.info("%s: resuming at epoch %d of %d", backbone, start_epoch, config.epochs)
+    training = set_up(config, backbone, data_dir, device, group)
+    progress, init_from = resume(training, resume_from)
+    # Seconds count over every attempt: this one's clock starts as if the earlier ran in it.
+    clock_start = run_start - progress.elapsed_before
     # Wrapped after the resume load: DDP starts every worker from rank 0's weights.
-    train_model = group.distribute(model)
-
-    elapsed_before = history["elapsed_sec"][-1] if history["elapsed_sec"] else 0.0
-    num_parameters = count_parameters(model)
+    train_model = group.distribute(training.model)
+    num_parameters = count_parameters(training.model)
     listener.on_train_start({
-        "backbone": backbone, "num_classes": num_classes, "num_parameters": num_parameters,
-        "device": str(device), "amp_bf16": amp,
+        "backbone": backbone, "num_classes": training.num_classes,
+        "num_parameters": num_parameters, "device": str(device), "amp_bf16": training.amp,
         "activation_checkpointing": bool(getattr(getattr(getattr(
-            model, "backbone", None), "encoder", None), "activation_checkpointing", False)),
-        "train_images": len(train_set), "test_images": len(test_set),
-        "start_epoch": start_epoch, "started_at": run_started_at, "init_from": init_from,
-        "best_map_epoch": best_map_epoch,
+            training.model, "backbone", None), "encoder", None), "activation_checkpointing",
+            False)),
+        "train_images": len(training.train_set), "test_images": len(training.test_set),
+        "start_epoch": progress.start_epoch, "started_at": run_started_at,
+        "init_from": init_from, "best_map_epoch": progress.best_map_epoch,
     })
 
-    # Loader workers start once and serve every epoch (and every evaluation): restarting
-    # them at each epoch forked the whole training process again, whose next steps then paid
-    # a copy-on-write fault for every page they wrote. The shuffle has its own generator,
-    # seeded per epoch, so the order does not depend on whether workers are restarted.
-    generator, shuffle_generator = torch.Generator(), torch.Generator()
-    persistent = config.num_workers > 0
-    train_loader = group.prepare_loader(DataLoader(
-        train_set, batch_size=group.per_worker_batch(config.batch_size),
-        sampler=RandomSampler(train_set, generator=shuffle_generator),
-        num_workers=config.num_workers, collate_fn=collate_detection, generator=generator,
-        pin_memory=device.type == "cuda", persistent_workers=persistent))
-    test_loader = DataLoader(test_set, batch_size=config.batch_size, shuffle=False,
-                             num_workers=config.num_workers, collate_fn=collate_detection,
-                             persistent_workers=persistent)
-    if (persistent and group.is_main and config.evaluate_every_epoch and len(test_set)
-            and start_epoch <= config.epochs):
-        # Fork the test loader's workers now, beside the training loader's, while this
-        # process holds little more than the weights: forked at the first evaluation, they
-        # would share every page of the step's retained memory (engine/host_memory.py), and
-        # the next epoch would pay a copy-on-write fault for each page it writes.
-        iter(test_loader)
-
+    loaders = build_loaders(training, progress.start_epoch)
     checkpoint: dict[str, Any] | None = None
-    for epoch in range(start_epoch, config.epochs + 1):
-        torch.manual_seed(_epoch_seed(config, epoch))
-        seed_epoch_order(generator, shuffle_generator, _epoch_seed(config, epoch))
-        if isinstance(train_loader.sampler, DistributedSampler):
-            # Its shuffle is seeded by (its seed + epoch): a new order each epoch, the same
-            # on every worker, and the same again on resume.
-            train_loader.sampler.set_epoch(_epoch_seed(config, epoch))
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        learning_rate = optimizer.param_groups[0]["lr"]
-        epoch_start = time.perf_counter()
-        sums = train_one_epoch(train_model, optimizer, train_loader, device, epoch, listener,
-                               amp=amp, group=group)
-        epoch_time = time.perf_counter() - epoch_start
-        scheduler.step()
-
-        _check_stop(listener, f"after epoch {epoch}'s last batch", group)
-        eval_start = time.perf_counter()
-        # The main worker evaluates the whole test split; the others go on to the next epoch
-        # and wait for it at the first gradient all-reduce.
-        metrics = (evaluate_coco(model, test_loader, device, num_classes)
-                   if group.is_main and config.evaluate_every_epoch and len(test_set) else None)
-        eval_time = time.perf_counter() - eval_start
-
-        batches = max(sums["batches"], 1)
-        avg_loss = sums["loss"] / batches
-        is_best = avg_loss < best_loss
-        if is_best:
-            best_loss, best_epoch = avg_loss, epoch
-        # The first epoch reaching the highest mAP; a later tie does not move it.
-        is_best_map = metrics is not None and (best_map is None or metrics.map > best_map)
-        if is_best_map:
-            best_map, best_map_epoch = metrics.map, epoch
-        images_per_sec = sums["images"] / epoch_time if epoch_time > 0 else 0.0
-        for key, value in (("epoch_losses", avg_loss), ("epoch_times", epoch_time),
-                           ("learning_rates", learning_rate), ("images_per_sec", images_per_sec),
-                           ("map", metrics.map if metrics else None),
-                           ("map50", metrics.map50 if metrics else None),
-                           ("map75", metrics.map75 if metrics else None),
-                           ("elapsed_sec", elapsed_before + time.perf_counter() - run_start)):
-            history[key].append(value)
-
-        epoch_metrics = EpochMetrics(
-            epoch=epoch, avg_loss=avg_loss, total_loss=sums["loss"], epoch_time_sec=epoch_time,
-            learning_rate=learning_rate, is_best=is_best,
-            **{name: sums[name] / batches for name in LOSS_COMPONENTS},
-            images_per_sec=images_per_sec,
-            map=metrics.map if metrics else None, map50=metrics.map50 if metrics else None,
-            map75=metrics.map75 if metrics else None, eval_time_sec=eval_time,
-            peak_memory_mb=peak_memory_mb(device), best_epoch=best_epoch, best_loss=best_loss,
-            timestamp=_now(), is_best_map=is_best_map, best_map_epoch=best_map_epoch,
-            best_map=best_map,
-        )
+    for epoch in range(progress.start_epoch, config.epochs + 1):
+        metrics = run_epoch(training, progress, epoch, loaders, listener, train_model,
+                            clock_start)
         if not group.is_main:
             continue
-        checkpoint = build_checkpoint(
-            epoch=epoch, backbone=backbone, model=model, optimizer=optimizer, scheduler=scheduler,
-            loss=avg_loss, best_loss=best_loss, best_epoch=best_epoch, config=config.to_dict(),
-            history=history, num_classes=num_classes)
+        checkpoint = training.checkpoint(epoch, metrics.avg_loss, progress)
         logger.info("%s epoch %d/%d: loss %.4f, lr %g, %.1fs, %.2f img/s, mAP %s", backbone,
-                    epoch, config.epochs, avg_loss, learning_rate, epoch_time, images_per_sec,
-                    "n/a" if metrics is None else f"{metrics.map:.4f}")
-        listener.on_epoch_end(epoch_metrics, checkpoint)
+                    epoch, config.epochs, metrics.avg_loss, metrics.learning_rate,
+                    metrics.epoch_time_sec, metrics.images_per_sec,
+                    "n/a" if metrics.map is None else f"{metrics.map:.4f}")
+        listener.on_epoch_end(metrics, checkpoint)
 
     if not group.is_main:
-        return _worker_summary(backbone, num_classes, num_parameters, device, history,
-                               best_epoch, best_loss)
+        return _worker_summary(backbone, training.num_classes, num_parameters, device,
+                               progress.history, progress.best_epoch, progress.best_loss)
     if checkpoint is None:  # resumed after the last epoch: only the final files are missing
-        checkpoint = build_checkpoint(
-            epoch=start_epoch - 1, backbone=backbone, model=model, optimizer=optimizer,
-            scheduler=scheduler, loss=history["epoch_losses"][-1] if history["epoch_losses"]
-            else math.nan, best_loss=best_loss, best_epoch=best_epoch, config=config.to_dict(),
-            history=history, num_classes=num_classes)
-
-    infer_started = time.time()
-    timing = measure_inference(model, test_set, device)
-    infer_window = (infer_started, time.time())
-    epochs_done = len(history["epoch_losses"])
-    best_index = best_epoch - 1 if 0 < best_epoch <= epochs_done else None
-
-    def at_best(key, index=best_index):
-        return history[key][index] if index is not None else None
-
-    best_map_index = best_map_epoch - 1 if 0 < best_map_epoch <= epochs_done else None
-
-    speeds = [v for v in history["images_per_sec"] if v]
-    summary = TrainingSummary(
-        backbone=backbone, num_classes=num_classes, num_parameters=num_parameters,
-        device=str(device), epochs_completed=epochs_done, best_epoch=best_epoch,
-        best_loss=best_loss, final_loss=history["epoch_losses"][-1] if epochs_done else math.nan,
-        map=at_best("map"), map50=at_best("map50"), map75=at_best("map75"),
-        train_images_per_sec=sum(speeds) / len(speeds) if speeds else 0.0,
-        infer_ms_per_image=timing.infer_ms_per_image, fps=timing.fps,
-        total_time_sec=elapsed_before + time.perf_counter() - run_start, history=history,
-        best_map_epoch=best_map_epoch, best_map=best_map,
-        best_map50=at_best("map50", best_map_index), best_map75=at_best("map75", best_map_index),
-        infer_window=infer_window,
-    )
+        losses = progress.history["epoch_losses"]
+        checkpoint = training.checkpoint(progress.start_epoch - 1,
+                                         losses[-1] if losses else math.nan, progress)
+    summary = finish(training, progress, clock_start)
     listener.on_train_end(summary, checkpoint)
     return summary
 
