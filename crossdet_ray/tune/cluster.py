@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from crossdet_ray.tune.ray_compat import autoscaler_status, gcs_cluster_config
 from crossdet_ray.tune.resources import (
     DEFAULT_GPU_MEMORY_GB,
     ClusterShape,
@@ -38,8 +39,6 @@ logger = logging.getLogger(__name__)
 
 # `ray up` writes the autoscaling config here on the head (cluster.yaml's head_start_ray_commands).
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
-# Ray's key (in the GCS internal KV) for the status the autoscaler writes each update.
-AUTOSCALING_STATUS_KEY = "__autoscaling_status"
 # Ray's default for a cluster config without `max_workers` (ray-schema.json).
 RAY_DEFAULT_MAX_WORKERS = 2
 # `--plan-for` names GPUs, not CPUs: a node is assumed to have this many CPUs per GPU, as the
@@ -145,23 +144,9 @@ def _node_types_from_gcs_cluster_config(cluster_config) -> list[NodeType]:
     return node_types
 
 
-def _gcs_cluster_config():
-    """The GCS's record of the cluster config, or None (only some autoscalers report it)."""
-    from ray._private.state import state
-
-    try:
-        config = state.get_cluster_config()
-    except Exception as error:  # noqa: BLE001 - a private API: any failure means "not there"
-        logger.debug("no cluster config in the GCS: %s", error)
-        return None
-    return config if config is not None and config.node_group_configs else None
-
-
 def _monitor_config_path() -> Path | None:
     """The `--autoscaling-config` of the cluster's autoscaler when it runs on this machine."""
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    status = _internal_kv_get(AUTOSCALING_STATUS_KEY)
+    status = autoscaler_status()
     if not status:
         return None
     pid = json.loads(status).get("monitor_pid")
@@ -198,7 +183,7 @@ def launchable_node_types(config_path: str | Path | None = None) -> list[NodeTyp
     """
     if config_path is not None:
         return node_types_from_autoscaling_config(read_autoscaling_config(Path(config_path)))
-    cluster_config = _gcs_cluster_config()
+    cluster_config = gcs_cluster_config()
     if cluster_config is not None:
         return _node_types_from_gcs_cluster_config(cluster_config)
     for path in (_monitor_config_path(), BOOTSTRAP_CONFIG.expanduser()):

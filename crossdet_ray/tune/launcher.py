@@ -57,6 +57,8 @@ from crossdet_ray.tune.cluster import (
     parse_plan_for,
     refuse_cpu_trials,
 )
+from crossdet_ray.tune.ray_compat import (RAY_TOKEN_NOTICE_LOGGER, restored_run_config,
+                                          use_progress_reporter_output)
 from crossdet_ray.tune.connection import RayConnectionError
 from crossdet_ray.tune.connection import connect_ray as connect_to_ray
 from crossdet_ray.tune.disk import disk_shortfall, estimate_run_bytes, free_bytes
@@ -211,7 +213,7 @@ def quiet_console() -> None:
     """No colour codes in logs that are not a terminal; Ray's token notice said our way."""
     if not sys.stderr.isatty():
         os.environ["RAY_COLOR_PREFIX"] = "0"  # read by Ray's log printer in this process
-    token_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    token_logger = logging.getLogger(RAY_TOKEN_NOTICE_LOGGER)
     if not any(isinstance(f, _TokenWarningFilter) for f in token_logger.filters):
         token_logger.addFilter(_TokenWarningFilter())
 
@@ -662,12 +664,12 @@ def _resume(config: LaunchConfig) -> RunOutcome:
     tuner = tune.Tuner.restore(run_storage.root, trainable=TRAINABLE, resume_unfinished=True,
                                resume_errored=True, storage_filesystem=run_storage.filesystem)
     control = watch = None
-    if saved.get("run_control") and tuner._local_tuner is not None:  # None under Ray Client
+    run_config = restored_run_config(tuner)
+    if saved.get("run_control") and run_config is not None:  # None under Ray Client
         control = RunControlCallback(start_run_control(saved["run_control"]),
                                      original.max_failures)
         watch = pending_watch(original, control, run_storage, launchable=None)
         # Tune.restore takes no RunConfig; the restored one holds an inert copy of the callback.
-        run_config = tuner._local_tuner.get_run_config()
         run_config.callbacks = [c for c in (run_config.callbacks or [])
                                 if type(c) is not tune.Callback] + [
             control, watch, FailureRecorder(run_storage, original.train.to_dict()),
@@ -682,7 +684,7 @@ def progress_reporter(config: LaunchConfig, data: dict[str, Any],
                       run_storage: RunStorage) -> TrialLinesReporter:
     """One line per trial on the console (Tune's legacy reporter interface: the default
     output engine ignores reporters and prints each trial's whole config instead)."""
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    use_progress_reporter_output()
     workload = workload_of(config.train, data)
     return TrialLinesReporter(run_storage, config.train.epochs,
                               math.ceil(workload.train_frames / config.train.batch_size))

@@ -28,6 +28,9 @@ import ray
 from ray import tune
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from crossdet_ray.tune.ray_compat import (set_trial_retries, stop_tune_gracefully,
+                                          tune_sigint_handler_disabled)
+
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5  # how often a trial asks whether a stop was requested
@@ -110,7 +113,7 @@ class RunControlCallback(tune.Callback):
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
         # A trial whose retries an earlier driver switched off gets --max-failures back on
         # --resume (Tune saves the zero with the trial).
-        trial.max_failures = self.max_failures
+        set_trial_retries(trial, self.max_failures)
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.monotonic()
@@ -144,8 +147,8 @@ class RunControlCallback(tune.Callback):
         for trial in trials:
             if trial.trial_id in pending:
                 # Tune retries while num_failures <= max_failures: 0 makes the next failure
-                # final. A public knob for this does not exist in Tune 2.x.
-                trial.max_failures = 0
+                # final.
+                set_trial_retries(trial, 0)
                 logger.info("%s will not be retried: a restart cannot fix its failure", trial)
         ray.get(self.control.confirm_no_retry.remote(pending))
 
@@ -168,9 +171,7 @@ class RunControlCallback(tune.Callback):
         """End Tune's loop gracefully: unfinished trials stay resumable."""
         if not self._stop_sent:
             self._stop_sent = True
-            # Tune ends its loop gracefully on SIGUSR1 (as on its own first Ctrl-C): it saves
-            # the experiment state with the unfinished trials resumable.
-            os.kill(os.getpid(), signal.SIGUSR1)
+            stop_tune_gracefully()
 
 
 @contextmanager
@@ -197,23 +198,18 @@ def graceful_interrupt(callback: RunControlCallback) -> Iterator[None]:
             logger.warning("%s again: stopping now; --resume continues after each "
                            "trial's last logged epoch", name)
             callback.stop_now.set()
-            os.kill(os.getpid(), signal.SIGUSR1)
+            stop_tune_gracefully()
         else:
             raise KeyboardInterrupt
 
     previous = {signum: signal.signal(signum, on_signal)
                 for signum in (signal.SIGINT, signal.SIGTERM)}
-    previous_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # keep Tune from replacing ours
     try:
-        yield
+        with tune_sigint_handler_disabled():  # keep Tune from replacing ours
+            yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        if previous_env is None:
-            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-        else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous_env
 
 
 # -- trial side --------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import ray
 
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.engine.errors import DiskFullError
+from crossdet_ray.tune.ray_compat import RAY_CHECKPOINT_LOGGERS
 from crossdet_ray.tune.run_control import TrialControl
 
 if TYPE_CHECKING:
@@ -144,7 +145,6 @@ def run_fit(train: Callable[[], Any], writer: SeedLogWriter, control: TrialContr
 
 # Ray logs "Checkpoint successfully created at: ..." at every epoch of every trial; our own
 # progress lines already say each epoch ended, and epoch_metrics.csv where its file is.
-RAY_CHECKPOINT_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage")
 
 
 def quiet_checkpoint_notices() -> None:

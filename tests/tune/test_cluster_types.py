@@ -169,7 +169,7 @@ def test_the_gcs_cluster_config_comes_first(monkeypatch, tmp_path):
         autoscaler_pb2.NodeGroupConfig(name="a100", resources={"CPU": 12, "GPU": 8,
                                                                "gpu_memory_80gb": 1},
                                        min_count=1, max_count=-1)])
-    monkeypatch.setattr(cluster_module, "_gcs_cluster_config", lambda: config)
+    monkeypatch.setattr(cluster_module, "gcs_cluster_config", lambda: config)
     head, a100 = launchable_node_types()
     assert (head.max_workers, head.gpus) == (0, 0)
     assert (a100.cpus, a100.gpus, a100.gpu_memory_gb, a100.min_workers) == (12, 8, 80, 1)
