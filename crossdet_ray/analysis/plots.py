@@ -76,11 +76,13 @@ def pareto_png(points: dict[str, tuple[float, float]]) -> bytes:
     return _png(figure)
 
 
-def training_curves_png(curves: dict[str, dict[str, list]], title: str | None = None) -> bytes:
+def training_curves_png(curves: dict[str, dict[str, list]], title: str | None = None,
+                        size: tuple[float, float] | None = None) -> bytes:
     """Every trial's test mAP and mean loss per epoch, overlaid: the one training-curves
     picture (the run's training_curves.png, the evaluation's curves.png).
-    `curves`: {trial: {"epoch": [...], "map": [...], "loss": [...]}} (None where missing)."""
-    figure = Figure(figsize=(11, 4))
+    `curves`: {trial: {"epoch": [...], "map": [...], "loss": [...]}} (None where missing).
+    `size`: inches at 100 dpi, exactly (else a tight crop of 11 x 4)."""
+    figure = Figure(figsize=size or (11, 4))
     if title:
         figure.suptitle(title, fontsize=12)
     map_axes, loss_axes = figure.subplots(1, 2)
@@ -102,4 +104,9 @@ def training_curves_png(curves: dict[str, dict[str, list]], title: str | None = 
         axes.grid(alpha=0.3)
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize=8)
-    return _png(figure)
+    if size is None:
+        return _png(figure)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()

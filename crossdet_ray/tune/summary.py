@@ -530,4 +530,4 @@ def _curves_png(curves: pd.DataFrame, run_name: str) -> bytes:
             "epoch": [int(e) for e in frame["epoch"]],
             "loss": [None if pd.isna(v) else float(v) for v in frame["avg_loss"]],
             "map": [None if pd.isna(v) else float(v) for v in maps]}
-    return training_curves_png(by_trial, title=f"{run_name}: training curves")
+    return training_curves_png(by_trial, title=f"{run_name}: training curves", size=(12, 4.5))

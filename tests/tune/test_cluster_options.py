@@ -213,7 +213,7 @@ def test_the_builtin_dataset_is_made_once_then_reused(tmp_path, monkeypatch):
     expected = generate_dataset(tmp_path / "expected", 8, seed=0, sizes=[(64, 64)])
     assert {k: v[2] for k, v in made.items()} == {
         k: v[2] for k, v in _files(expected).items()}
-    generated = re.findall(r"crossdet_ray\.synthetic: synthetic dataset .*: 8 frames",
+    generated = re.findall(r"crossdet_ray\.data\.synthetic: synthetic dataset .*: 8 frames",
                            first.stderr)
     assert len(generated) == 1, first.stderr[-3000:]
     assert "Ray dashboard:" not in first.stderr  # --no-dashboard
