@@ -9,9 +9,9 @@ Three parts:
   ERROR gets Tune's full error text in `logs/error.txt` and a `training_info.json` that says
   `failed` (a trial killed before or while training never wrote that itself).
 * The out-of-memory retry policy: `FailureRecorder` (a Tune callback, driver side) notes each
-  failure with the trials that were running beside it, and `wait_for_memory_before_retry`
-  (called by the trainable as it starts) holds a retry until one of those has finished, or
-  refuses it when the trial was killed while running alone: it would be killed again.
+  failure with the trials that were running beside it, and `refuse_hopeless_memory_retry`
+  (called by the trainable as it starts) refuses a retry when the trial was killed while
+  running alone: it would be killed again.
 """
 
 from __future__ import annotations
@@ -351,9 +351,6 @@ def record_failures(run_storage: RunStorage, specs: list[dict[str, Any]],
 # Ray's memory monitor may kill several workers in one sweep; failures this close together
 # are one memory shortage.
 SAME_SHORTAGE_SECONDS = 10.0
-RETRY_WAIT_SECONDS = 3600.0
-RETRY_POLL_SECONDS = 5.0
-FINISHED_STATUSES = ("completed", "failed", "stopped")
 
 
 def _read_failures(trial_storage: RunStorage) -> list[dict[str, Any]]:
@@ -364,12 +361,6 @@ def _read_failures(trial_storage: RunStorage) -> list[dict[str, Any]]:
     except (OSError, ValueError) as error:
         logger.warning("cannot read %s: %s", trial_storage.uri(FAILURES_FILE), error)
     return []
-
-
-def _is_waiting(trial_storage: RunStorage) -> bool:
-    """True while the trial's retry waits for memory (it holds none: no model is built yet)."""
-    records = _read_failures(trial_storage)
-    return bool(records) and "waiting_since" in records[-1] and "waited_until" not in records[-1]
 
 
 def _driver_run() -> str | None:
@@ -385,8 +376,8 @@ def _driver_run() -> str | None:
 class FailureRecorder(tune.Callback):
     """Tune callback (driver side): notes every failed attempt in the trial's
     logs/failures.json, with the trials that were running beside it, for the retry policy of
-    `wait_for_memory_before_retry`; a trial's final failure is recorded in its own files at
-    once (`record_trial_failure`), so trials waiting on it see it ended."""
+    `refuse_hopeless_memory_retry`; a trial's final failure is recorded in its own files at
+    once (`record_trial_failure`)."""
 
     def __init__(self, run_storage: RunStorage, train: dict[str, Any] | None = None):
         self.run_storage = run_storage
@@ -416,8 +407,7 @@ class FailureRecorder(tune.Callback):
             alongside = sorted(
                 t.config["trial"]["name"] for t in trials
                 if t is not trial and t.status == "RUNNING"
-                and (node is None or _node_of(t) in (None, node))
-                and not _is_waiting(self.run_storage.child(t.config["trial"]["name"])))
+                and (node is None or _node_of(t) in (None, node)))
             record = {"driver_run": _driver_run(), "time": now, "final": final, **failure.as_info(),
                       "error": headline(last_failure_text(text)) if text else None,
                       "running_alongside": alongside,
@@ -448,21 +438,14 @@ def _node_of(trial) -> str | None:
     return _quietly(lambda: trial.node_ip) or None
 
 
-def wait_for_memory_before_retry(trial_storage: RunStorage,
-                                 forbid_retry: Callable[[], Any] | None = None,
-                                 timeout: float = RETRY_WAIT_SECONDS,
-                                 poll: float = RETRY_POLL_SECONDS) -> None:
-    """Call as a trial starts: hold a retry after an out-of-memory kill until it can fit.
-
-    Only a retry by the same driver after an out-of-memory failure is held;
-    a first start, a `--resume` or a retry after any other failure returns at once.
-
-    * Trials were running beside it: wait (at most `timeout` seconds) until one of them has
-      finished or is itself waiting, i.e. its memory is free.
-    * Others were killed in the same memory shortage but none kept running: retry at once
-      (the others wait for this one).
-    * It ran alone: a restart would be killed at the same point, so call `forbid_retry` (no
-      further restarts) and raise OutOfMemoryNotRetried.
+def refuse_hopeless_memory_retry(trial_storage: RunStorage,
+                                 forbid_retry: Callable[[], Any] | None = None) -> None:
+    """Call as a trial starts: a retry after an out-of-memory kill while the trial ran alone
+    would be killed again at the same point, so `forbid_retry` (no further restarts) is called
+    and OutOfMemoryNotRetried raised. Any other start goes ahead at once: a first start, a
+    `--resume`, a retry after another failure, and a retry after a kill while other trials ran
+    beside it (Ray starts it when its CPUs and GPUs are free; memory is not a resource Ray
+    counts, so it may be killed again, and that spends another of --max-failures' restarts).
     """
     records = _read_failures(trial_storage)
     if not records:
@@ -478,29 +461,5 @@ def wait_for_memory_before_retry(trial_storage: RunStorage,
         raise OutOfMemoryNotRetried(
             f"{name} was killed for lack of memory while no other trial ran beside it, so a "
             "restart would be killed again: not retried")
-    if not alongside:
-        logger.info("%s: retrying at once after running out of memory: the trials killed "
-                    "with it (%s) wait for it", name, ", ".join(last["failed_together"]))
-        return
-    run_storage = trial_storage.parent()
-    logger.warning("%s ran out of memory beside %s: waiting up to %.0f s for one of them to "
-                   "finish before retrying", name, ", ".join(alongside), timeout)
-    last["waiting_since"] = time.time()
-    trial_storage.write_text(FAILURES_FILE, dumps_json(records))
-    deadline = time.monotonic() + timeout
-    freed = None
-    while freed is None:
-        for other in alongside:
-            other_storage = run_storage.child(other)
-            status = (read_info(other_storage) or {}).get("status")
-            if status in FINISHED_STATUSES or _is_waiting(other_storage):
-                freed = f"{other} is {status if status in FINISHED_STATUSES else 'waiting'}"
-                break
-        if freed is None:
-            if time.monotonic() >= deadline:
-                freed = f"none of them finished within {timeout:.0f} s"
-                break
-            time.sleep(poll)
-    last["waited_until"] = time.time()
-    trial_storage.write_text(FAILURES_FILE, dumps_json(records))
-    logger.warning("%s: retrying now (%s)", name, freed)
+    logger.warning("%s: retrying after running out of memory beside %s", name,
+                   ", ".join(alongside or last["failed_together"]))

@@ -51,7 +51,7 @@ def train_backbone(config: dict[str, Any]) -> None:
     from crossdet_ray.engine.checkpoint import CheckpointError
     from crossdet_ray.engine.run_logs import find_resume_point
     from crossdet_ray.engine.storage import RunStorage
-    from crossdet_ray.tune.failures import wait_for_memory_before_retry
+    from crossdet_ray.tune.failures import refuse_hopeless_memory_retry
     from crossdet_ray.tune.reporter import read_checkpoint_pointer
 
     quiet_checkpoint_notices()
@@ -66,7 +66,7 @@ def train_backbone(config: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     control = TrialControl(config.get("run_control"), trial_id)
     # After an out-of-memory kill, a retry waits for memory to free (or is not made at all).
-    wait_for_memory_before_retry(trial_storage, forbid_retry=control.forbid_retry)
+    refuse_hopeless_memory_retry(trial_storage, forbid_retry=control.forbid_retry)
     tune_checkpoint = tune.get_checkpoint()
     announced = read_checkpoint_pointer(tune_checkpoint) if tune_checkpoint is not None else None
     try:

@@ -4,7 +4,6 @@ errored trial, and the out-of-memory retry policy (no Ray cluster needed)."""
 from __future__ import annotations
 
 import json
-import threading
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,12 +24,12 @@ from crossdet_ray.tune.failures import (
     headline,
     last_failure_text,
     record_trial_failure,
-    wait_for_memory_before_retry,
+    refuse_hopeless_memory_retry,
 )
 from crossdet_ray.tune.launcher import RunOutcome
 from crossdet_ray.tune.summary import format_table, run_exit_code, summarise_run
 
-from .helpers import poll_until, training_info
+from .helpers import training_info
 
 TRAIN = {"batch_size": 2, "min_size": 64, "max_size": 64, "activation_checkpointing": "auto"}
 
@@ -306,15 +305,14 @@ def test_recorder_notes_who_ran_beside_an_out_of_memory_kill(tmp_path):
     error_file.write_text(_tune_error_file(RAY_OOM_MESSAGE))
     a, b = FakeTrial("a", "PENDING", error_file), FakeTrial("b", "RUNNING")
     c = FakeTrial("c", "RUNNING", node_ip="10.0.0.2")  # another node: its memory is not ours
-    d = FakeTrial("d", "RUNNING")
-    run_storage.child("d").write_text(FAILURES_FILE, json.dumps([{"waiting_since": 1.0}]))
+    d = FakeTrial("d", "PENDING")  # not started: it holds no memory
     recorder = FailureRecorder(run_storage, TRAIN)
 
     recorder.on_trial_recover(1, [a, b, c, d], a)
 
     [record] = _failures(run_storage, "a")
     assert record["failure_kind"] == "out_of_memory" and record["final"] is False
-    assert record["running_alongside"] == ["b"]  # d is waiting: it holds no memory
+    assert record["running_alongside"] == ["b"]
     assert record["failed_together"] == [] and record["not_retried"] is False
     assert not run_storage.child("a").exists("logs/training_info.json")  # it will be retried
 
@@ -338,7 +336,7 @@ def test_no_retry_after_running_out_of_memory_alone(tmp_path):
     _note(run_storage, "a")
     forbidden = []
     with pytest.raises(OutOfMemoryNotRetried, match="no other trial ran beside it"):
-        wait_for_memory_before_retry(run_storage.child("a"), forbid_retry=lambda: forbidden.append(1))
+        refuse_hopeless_memory_retry(run_storage.child("a"), forbid_retry=lambda: forbidden.append(1))
     assert forbidden == [1]
     # ... and the reading of that error says so.
     error = _task_error(OutOfMemoryNotRetried("a was killed ...: not retried"))
@@ -354,33 +352,17 @@ def test_no_retry_after_running_out_of_memory_alone(tmp_path):
 def test_a_retry_goes_ahead_at_once(tmp_path, record):
     run_storage = _run_dir(tmp_path, ["a"])
     _note(run_storage, "a", **record)
-    wait_for_memory_before_retry(run_storage.child("a"), forbid_retry=pytest.fail)
-    assert "waiting_since" not in _failures(run_storage, "a")[-1]
+    refuse_hopeless_memory_retry(run_storage.child("a"), forbid_retry=pytest.fail)
 
 
 def test_a_first_start_goes_ahead(tmp_path):
-    wait_for_memory_before_retry(_run_dir(tmp_path, ["a"]).child("a"), forbid_retry=pytest.fail)
+    refuse_hopeless_memory_retry(_run_dir(tmp_path, ["a"]).child("a"), forbid_retry=pytest.fail)
 
 
-def test_a_retry_waits_until_a_trial_beside_it_finishes(tmp_path):
+def test_a_retry_after_a_kill_beside_other_trials_goes_ahead_at_once(tmp_path):
+    """Killed while b ran beside it: b's memory may be freed by the time Ray starts the retry,
+    so it is retried (no wait, no refusal; memory is not a resource Ray counts)."""
     run_storage = _run_dir(tmp_path, ["a", "b"])
     _note(run_storage, "a", running_alongside=["b"])
     run_storage.child("b").write_text("logs/training_info.json", json.dumps({"status": "running"}))
-    waiter = threading.Thread(target=wait_for_memory_before_retry,
-                              args=(run_storage.child("a"),), kwargs={"poll": 0.01})
-    waiter.start()
-    assert poll_until(lambda: "waiting_since" in _failures(run_storage, "a")[-1], timeout=30)
-    assert waiter.is_alive()
-    run_storage.child("b").write_text("logs/training_info.json",
-                                      json.dumps({"status": "completed"}))
-    waiter.join(timeout=30)
-    assert not waiter.is_alive()
-    assert "waited_until" in _failures(run_storage, "a")[-1]
-
-
-def test_the_wait_is_bounded(tmp_path):
-    run_storage = _run_dir(tmp_path, ["a", "b"])
-    _note(run_storage, "a", running_alongside=["b"])
-    run_storage.child("b").write_text("logs/training_info.json", json.dumps({"status": "running"}))
-    wait_for_memory_before_retry(run_storage.child("a"), timeout=0, poll=0.01)
-    assert "waited_until" in _failures(run_storage, "a")[-1]
+    refuse_hopeless_memory_retry(run_storage.child("a"), forbid_retry=pytest.fail)
