@@ -19,7 +19,9 @@ others=$(mktemp)
 trap 'rm -f "$others"' EXIT
 names=$(printf '%s\n' "${pins[@]}" | sed -E 's/[[<>=!~; ].*//' | tr 'A-Z_' 'a-z-')
 grep -v -i -E "^($(echo $names | tr ' ' '|'))([<>=!~; []|$)" constraints.txt > "$others"
-"$venv/bin/python" -m pip install --quiet "${pins[@]}" -c "$others"
-"$venv/bin/python" -m pip install --quiet -e ".[test]" "${pins[@]}" -c "$others"
+# The project without its declared bounds (a set may lie outside them: that is the question),
+# its other dependencies and test tools at constraints.txt's pins.
+"$venv/bin/python" -m pip install --quiet "${pins[@]}" -r "$others"
+"$venv/bin/python" -m pip install --quiet --no-deps -e .
 "$venv/bin/python" -c "import ray, torch, torchvision; print('testing on ray', ray.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__)"
 exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
