@@ -57,8 +57,7 @@ from crossdet_ray.tune.cluster import (
     parse_plan_for,
     refuse_cpu_trials,
 )
-from crossdet_ray.tune.ray_compat import (RAY_TOKEN_NOTICE_LOGGER, restored_run_config,
-                                          use_progress_reporter_output)
+from crossdet_ray.tune.ray_compat import RAY_TOKEN_NOTICE_LOGGER, restored_run_config
 from crossdet_ray.tune.connection import RayConnectionError
 from crossdet_ray.tune.connection import connect_ray as connect_to_ray
 from crossdet_ray.tune.disk import disk_shortfall, estimate_run_bytes, free_bytes
@@ -511,12 +510,12 @@ def launch(config: LaunchConfig) -> RunOutcome:
                 [plan[s.backbone] for s in start_order(specs)], shape, config.autoscaling)),
         run_config=tune.RunConfig(
             name=config.name, storage_path=posixpath.dirname(run_storage.root),
-            storage_filesystem=run_storage.filesystem, verbose=config.verbose,
+            storage_filesystem=run_storage.filesystem, verbose=tune_verbosity(config.verbose),
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[control, watch, FailureRecorder(run_storage, config.train.to_dict()),
-                       *_mlflow_callbacks(tracking_uri, run_storage)],
-            progress_reporter=progress_reporter(config, data, run_storage)),
+                       *_mlflow_callbacks(tracking_uri, run_storage),
+                       *progress_lines(config, data, run_storage)]),
     )
     return _fit_and_summarise(tuner, config, run_storage, dashboard_url, control, watch)
 
@@ -669,25 +668,33 @@ def _resume(config: LaunchConfig) -> RunOutcome:
         control = RunControlCallback(start_run_control(saved["run_control"]),
                                      original.max_failures)
         watch = pending_watch(original, control, run_storage, launchable=None)
-        # Tune.restore takes no RunConfig; the restored one holds an inert copy of the callback.
+        # Tune.restore takes no RunConfig; the restored one holds inert copies of the callbacks
+        # that belong to one driver, and the last run's progress lines.
         run_config.callbacks = [c for c in (run_config.callbacks or [])
-                                if type(c) is not tune.Callback] + [
+                                if type(c) is not tune.Callback
+                                and not isinstance(c, TrialLinesReporter)] + [
             control, watch, FailureRecorder(run_storage, original.train.to_dict()),
             # MLflow's logger does not survive pickling: a resumed trial gets a new MLflow run.
-            *_mlflow_callbacks(saved.get("mlflow_tracking_uri"), run_storage)]
-        run_config.progress_reporter = progress_reporter(original, saved.get("data", {}),
-                                                         run_storage)
+            *_mlflow_callbacks(saved.get("mlflow_tracking_uri"), run_storage),
+            *progress_lines(original, saved.get("data", {}), run_storage)]
+        run_config.verbose = tune_verbosity(original.verbose)
     return _fit_and_summarise(tuner, original, run_storage, dashboard_url, control, watch)
 
 
-def progress_reporter(config: LaunchConfig, data: dict[str, Any],
-                      run_storage: RunStorage) -> TrialLinesReporter:
-    """One line per trial on the console (Tune's legacy reporter interface: the default
-    output engine ignores reporters and prints each trial's whole config instead)."""
-    use_progress_reporter_output()
+def progress_lines(config: LaunchConfig, data: dict[str, Any],
+                   run_storage: RunStorage) -> list[TrialLinesReporter]:
+    """The console's one line per trial (a Tune callback), unless --verbose 0."""
+    if config.verbose < 1:
+        return []
     workload = workload_of(config.train, data)
-    return TrialLinesReporter(run_storage, config.train.epochs,
-                              math.ceil(workload.train_frames / config.train.batch_size))
+    return [TrialLinesReporter(run_storage, config.train.epochs,
+                               math.ceil(workload.train_frames / config.train.batch_size))]
+
+
+def tune_verbosity(verbose: int) -> int:
+    """Tune's own output for --verbose: none at 0 and 1 (our lines say it, where Tune's would
+    print each trial's whole config), every result at 2."""
+    return 2 if verbose >= 2 else 0
 
 
 def _finished_summary(run_storage: RunStorage) -> dict[str, Any] | None:

@@ -1,5 +1,5 @@
-"""What the console shows while a run trains: one line per trial, through Tune's own reporter
-interface (a `ProgressReporter` that Tune calls), instead of Tune's per-trial config boxes.
+"""What the console shows while a run trains: one line per trial, from a Tune callback,
+instead of Tune's per-trial config boxes.
 
     14:02:31  2 running, 1 done, 2 pending of 5 | elapsed 0:12:04 | training_logs/run_...
       mit_b5   RUNNING     epoch 1/30 batch 12/3900  loss 1.9321  mAP50     -  img/s    -  0:11:58  ETA     -
@@ -18,10 +18,10 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from ray.tune import ProgressReporter
+from ray import tune
 
 from crossdet_ray.engine.storage import RunStorage
-from crossdet_ray.tune.reporter import PROGRESS_FILE
+from crossdet_ray.run_files import PROGRESS_FILE
 
 REPORT_EVERY_SEC = 30.0
 # Trials start (and end) in bursts a fraction of a second apart: one table for the burst, not
@@ -43,20 +43,27 @@ def _number(value: Any, digits: int) -> str:
     return "-" if not math.isfinite(number) else f"{number:.{digits}f}"
 
 
-class TrialLinesReporter(ProgressReporter):
+class TrialLinesReporter(tune.Callback):
     """One readable line per trial every REPORT_EVERY_SEC seconds, and whenever a trial's
-    status changes."""
+    status changes; the table once more when the run ends."""
 
     def __init__(self, run_storage: RunStorage, epochs: int, batches_per_epoch: int,
                  stream=None):
         self.run_storage = run_storage
         self.epochs = epochs
         self.batches_per_epoch = batches_per_epoch
-        self.stream = stream  # None: sys.stdout at each report (Tune pickles the reporter)
+        self.stream = stream  # None: sys.stdout at each report (Tune pickles its callbacks)
         self.started = time.time()
         self._last_report = 0.0
         self._last_statuses: dict[str, str] = {}
         self._trial_started: dict[str, float] = {}
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.should_report(trials):
+            self.report(trials, done=False)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.report(trials, done=True)
 
     def should_report(self, trials, done: bool = False) -> bool:
         statuses = {t.trial_id: t.status for t in trials}

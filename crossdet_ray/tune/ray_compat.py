@@ -5,7 +5,7 @@ offers no public way to do. `tests/tune/test_ray_compat.py` checks that each is 
 and fails naming the internal and the installed Ray version when one disappears, so that an
 upgrade breaks a test here rather than a user's run. Nothing outside this module imports
 `ray._private`, reads `Tuner._local_tuner`, sets a Trial's retries, signals its own process,
-or sets Tune's environment switches.
+or sets Tune's SIGINT switch.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ RAY_CHECKPOINT_LOGGERS = ("ray.train._internal.storage",
 RAY_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 # The status the autoscaler writes to the GCS's internal KV at every update (its pid in it).
 AUTOSCALING_STATUS_KEY = "__autoscaling_status"
-# Tune's environment switches read by its driver loop.
+# Tune's switch, read by its driver loop, that keeps it from installing its SIGINT handler.
 TUNE_SIGINT_SWITCH = "TUNE_DISABLE_SIGINT_HANDLER"
-LEGACY_OUTPUT_SWITCH = "RAY_AIR_NEW_OUTPUT"
 
 
 # -- resume -----------------------------------------------------------------------------------
@@ -69,13 +68,6 @@ def tune_sigint_handler_disabled() -> Iterator[None]:
             os.environ.pop(TUNE_SIGINT_SWITCH, None)
         else:
             os.environ[TUNE_SIGINT_SWITCH] = previous
-
-
-# -- console ----------------------------------------------------------------------------------
-def use_progress_reporter_output() -> None:
-    """Let Tune print through our ProgressReporter (one line per trial). Why: Tune's default
-    output engine ignores reporters and prints each trial's whole config instead."""
-    os.environ[LEGACY_OUTPUT_SWITCH] = "0"
 
 
 # -- the autoscaler's node types ---------------------------------------------------------------
