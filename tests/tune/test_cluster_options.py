@@ -158,9 +158,10 @@ def test_job_submit_and_the_command_on_the_head_train_on_the_locked_cluster(
 
     project = _tracked_files(tmp_path / "project")
     args = small_run(tiny_dataset, tmp_path / "logs", "submitted", 1, address=None)
+    # The README's `python`, as this test's interpreter: the head's `python` may be another.
     submitted = subprocess.run(
         [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", token_cluster,
-         "--working-dir", ".", "--", "python", "experiments/all_backbones.py", *args],
+         "--working-dir", ".", "--", sys.executable, "experiments/all_backbones.py", *args],
         cwd=project, capture_output=True, text=True, timeout=400,
         env={**ray_env(), "RAY_AUTH_MODE": "token"})
     assert submitted.returncode == 0, (submitted.stdout[-3000:], submitted.stderr[-3000:])
