@@ -57,7 +57,8 @@ from crossdet_ray.tune.cluster import (
     parse_plan_for,
     refuse_cpu_trials,
 )
-from crossdet_ray.tune.ray_compat import RAY_TOKEN_NOTICE_LOGGER, restored_run_config
+from crossdet_ray.tune.ray_compat import (RAY_TOKEN_NOTICE_LOGGER, restored_run_config,
+                                          use_quiet_tune_console)
 from crossdet_ray.tune.connection import RayConnectionError
 from crossdet_ray.tune.connection import connect_ray as connect_to_ray
 from crossdet_ray.tune.disk import disk_shortfall, estimate_run_bytes, free_bytes
@@ -684,6 +685,7 @@ def _resume(config: LaunchConfig) -> RunOutcome:
 def progress_lines(config: LaunchConfig, data: dict[str, Any],
                    run_storage: RunStorage) -> list[TrialLinesReporter]:
     """The console's one line per trial (a Tune callback), unless --verbose 0."""
+    use_quiet_tune_console()
     if config.verbose < 1:
         return []
     workload = workload_of(config.train, data)

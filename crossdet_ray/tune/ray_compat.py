@@ -5,7 +5,7 @@ offers no public way to do. `tests/tune/test_ray_compat.py` checks that each is 
 and fails naming the internal and the installed Ray version when one disappears, so that an
 upgrade breaks a test here rather than a user's run. Nothing outside this module imports
 `ray._private`, reads `Tuner._local_tuner`, sets a Trial's retries, signals its own process,
-or sets Tune's SIGINT switch.
+or sets Tune's switches.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ RAY_CHECKPOINT_LOGGERS = ("ray.train._internal.storage",
 RAY_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 # The status the autoscaler writes to the GCS's internal KV at every update (its pid in it).
 AUTOSCALING_STATUS_KEY = "__autoscaling_status"
-# Tune's switch, read by its driver loop, that keeps it from installing its SIGINT handler.
+# Tune's switches, read by its driver loop: no SIGINT handler of its own; its older console.
 TUNE_SIGINT_SWITCH = "TUNE_DISABLE_SIGINT_HANDLER"
+LEGACY_OUTPUT_SWITCH = "RAY_AIR_NEW_OUTPUT"
 
 
 # -- resume -----------------------------------------------------------------------------------
@@ -68,6 +69,15 @@ def tune_sigint_handler_disabled() -> Iterator[None]:
             os.environ.pop(TUNE_SIGINT_SWITCH, None)
         else:
             os.environ[TUNE_SIGINT_SWITCH] = previous
+
+
+# -- console ----------------------------------------------------------------------------------
+def use_quiet_tune_console() -> None:
+    """Tune's older console, which at verbosity 0 prints nothing, so that our progress lines
+    (a public tune.Callback) are the console. Why: Tune's default console prints an experiment
+    header and a TensorBoard hint pointing into Ray's session directory at every verbosity,
+    where our own line names the run directory to give TensorBoard."""
+    os.environ[LEGACY_OUTPUT_SWITCH] = "0"
 
 
 # -- the autoscaler's node types ---------------------------------------------------------------

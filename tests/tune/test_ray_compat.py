@@ -52,6 +52,14 @@ def test_tune_stops_gracefully_on_sigusr1_and_its_sigint_handler_can_be_switched
         _missing(ray_compat.TUNE_SIGINT_SWITCH, "Tune would replace the drain's SIGINT handler")
 
 
+def test_tune_still_reads_the_older_console_switch():
+    from ray.tune.experimental import output
+
+    assert ray_compat.LEGACY_OUTPUT_SWITCH in inspect.getsource(output) + _source(
+        "ray.air.constants"), _missing(ray_compat.LEGACY_OUTPUT_SWITCH,
+                                       "Tune's own header would print beside our lines")
+
+
 def test_the_autoscalers_records_can_be_read():
     from ray._private import state
 
