@@ -7,6 +7,9 @@ trial's directory (RUN_DIR/<trial>/), run files to the run directory.
 RUN_CONFIG_FILE = "run_config.json"  # every flag, the trials, the resources, the data
 PLAN_FILE = "plan.json"  # --plan-only's plan
 FINAL_SUMMARY_FILE = "final_summary.json"  # the cross-backbone summary
+SUMMARY_CSV_FILE = "summary.csv"  # its table, one row a trial (and the same as Parquet)
+SUMMARY_PARQUET_FILE = "summary.parquet"
+EVALUATION_DIR = "evaluation"  # the closing evaluation's report and files
 TRAINING_CURVES_FILE = "training_curves.png"
 DATASET_LISTING_FILE = "dataset_listing.json"  # a bucket dataset's objects: what nodes check
 

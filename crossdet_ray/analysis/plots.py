@@ -12,9 +12,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 
-def _png(figure: Figure) -> bytes:
+def _png(figure: Figure, crop: bool = True) -> bytes:
+    """PNG bytes at 100 dpi: cropped to what is drawn, or (crop=False) the figure's size."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight" if crop else None)
     return buffer.getvalue()
 
 
@@ -104,9 +105,6 @@ def training_curves_png(curves: dict[str, dict[str, list]], title: str | None = 
         axes.grid(alpha=0.3)
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize=8)
-    if size is None:
-        return _png(figure)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    if size is not None:
+        figure.tight_layout()
+    return _png(figure, crop=size is None)

@@ -18,7 +18,8 @@ from typing import Any
 
 from crossdet_ray.data import DatasetError, NpyYoloDataset
 from crossdet_ray.run_files import (BEST_LOSS_FILE, BEST_MAP_FILE, CHECKPOINT_DIR,
-                                    DATASET_LISTING_FILE, EPOCH_LOG, RUN_CONFIG_FILE,
+                                    DATASET_LISTING_FILE, EPOCH_LOG, EVALUATION_DIR,
+                                    RUN_CONFIG_FILE,
                                     final_complete_checkpoint)
 from crossdet_ray.data.remote import (RemoteListing, inspect_remote_dataset,
                                       is_remote, printable_uri)
@@ -250,7 +251,7 @@ def plan_evaluation(source: str, *, data: str | None = None, checkpoint: str = "
     if out:
         plan.out_dir = out if is_remote(out) else str(Path(out).expanduser().resolve())
     else:
-        plan.out_dir = run.full_uri("evaluation")
+        plan.out_dir = run.full_uri(EVALUATION_DIR)
     if plan.data_listing is None:  # a bucket's was checked by its preflight
         _check_frames(plan, f"{what} ({plan.data_dir})")
     return plan

@@ -6,6 +6,7 @@ The run directory is Tune's experiment directory (`LOG_DIR/NAME`), so `Tuner.res
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.metadata
 import importlib.util
@@ -280,10 +281,9 @@ def plan_run(config: LaunchConfig, specs: list[TrialSpec], shape: ClusterShape,
         config.cpus_per_trial or cluster_cpus_per_trial(shape, len(specs)),
         cpus_given=config.cpus_per_trial is not None)
     # Each trial's own CPUs and GPU size as its node type gives them, not the first trial's.
-    plan.trials = [dataclasses.replace(
-        t, cpus=resources[t.backbone].cpu,
-        gpu_memory_gb=stated_gpu_memory_gb({resources[t.backbone].gpu_memory_resource: 1})
-        if resources[t.backbone].gpu_memory_resource else None) for t in plan.trials]
+    plan.trials = [dataclasses.replace(t, cpus=resources[t.backbone].cpu,
+                                       gpu_memory_gb=resources[t.backbone].gpu_memory_gb)
+                   for t in plan.trials]
     return resources, plan
 
 
@@ -524,9 +524,8 @@ def launch(config: LaunchConfig) -> RunOutcome:
 def pending_watch(config: LaunchConfig, control: RunControlCallback, run_storage: RunStorage,
                   launchable: ClusterShape | None) -> PendingTrialWatch:
     """--pending-timeout's watch; `launchable`: the node types an autoscaler can add."""
-    kinds: dict[str, int] = {}
-    for node in (launchable.nodes if launchable else ()):
-        kinds[describe(node)] = kinds.get(describe(node), 0) + 1
+    kinds = collections.Counter(describe(node) for node in (launchable.nodes if launchable
+                                                              else ()))
     return PendingTrialWatch(
         config.pending_timeout_s, control.stop_run, run_storage.uri(),
         launchable="; ".join(f"up to {n} x ({kind})" for kind, n in kinds.items()) or None)

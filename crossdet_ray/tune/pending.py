@@ -19,7 +19,7 @@ from typing import Any, Callable
 import ray
 from ray import tune
 
-from crossdet_ray.tune.resources import TrialResources
+from crossdet_ray.tune.resources import TrialResources, bundle_fits
 
 logger = logging.getLogger(__name__)
 POLL_SECONDS = 2.0  # how often the live nodes are read while a trial waits
@@ -40,10 +40,6 @@ class UnplaceableTrial:
 def trial_bundle(config: dict[str, Any]) -> dict[str, float]:
     """What a trial's own process asks of one node (launcher's placement group bundle)."""
     return TrialResources(**config["resources"][config["trial"]["backbone"]]).as_bundle()
-
-
-def fits(bundle: dict[str, float], node_resources: dict[str, float]) -> bool:
-    return all(node_resources.get(key, 0.0) >= amount - 1e-9 for key, amount in bundle.items())
 
 
 def describe(resources: dict[str, float]) -> str:
@@ -109,7 +105,7 @@ class PendingTrialWatch(tune.Callback):
         stuck = []
         for trial in overdue:
             asks = trial_bundle(trial.config)
-            if not any(fits(asks, node) for node in live):
+            if not any(bundle_fits(asks, node) for node in live):
                 stuck.append(UnplaceableTrial(trial.config["trial"]["name"], asks,
                                               now - self._pending_since[trial.trial_id]))
         if stuck:

@@ -368,7 +368,7 @@ def plan_trials(requests: list[TrialRequest], nodes: list[GpuNode], workload: Wo
         memory_gb_per_worker=round(memory_gb(r.backbone, workload,
                                              workload.batch_size // a.workers), 1)
         if a.gpus > 0 else 0.0,
-        gpu_memory_gb=routed_gpu_memory_gb(r.backbone, a, workload, gpu_sizes(gpu_nodes))
+        gpu_memory_gb=routed_gpu_memory_gb(r.backbone, a, workload, sizes)
         if a.gpus > 0 else None)
         for r, a, f in zip(requests, allocations, finish)]
     return Plan(trials=trials, predicted_makespan_hours=_hours(max(finish)),

@@ -62,6 +62,11 @@ class TrialResources:
             bundle.update(self._gpu_memory_marker())
         return bundle
 
+    @property
+    def gpu_memory_gb(self) -> float | None:
+        """The GB per GPU of the node type it is sent to (None: any)."""
+        return stated_gpu_memory_gb(self._gpu_memory_marker())
+
     def _gpu_memory_marker(self) -> dict[str, float]:
         return {self.gpu_memory_resource: GPU_MEMORY_MARKER} if self.gpu_memory_resource else {}
 
@@ -202,6 +207,11 @@ def node_totals(resources: dict[str, float]) -> dict[str, float]:
     return totals
 
 
+def bundle_fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
+    """Whether a node's resources (its totals) can ever hold a bundle."""
+    return all(node.get(key, 0.0) >= amount - 1e-9 for key, amount in bundle.items())
+
+
 def _floor(value: float, step: float = 0.01) -> float:
     return math.floor(value / step + 1e-9) * step
 
@@ -310,10 +320,7 @@ def check_feasible(plan: dict[str, TrialResources], cluster: ClusterShape,
         if wanted.data_parallel:
             _check_workers_fit(backbone, wanted, cluster)
             continue
-        fits = any(all(node.get(key, 0) >= amount - 1e-9
-                           for key, amount in wanted.as_bundle().items())
-                   for node in cluster.nodes)
-        if fits:
+        if any(bundle_fits(wanted.as_bundle(), node) for node in cluster.nodes):
             continue
         if wanted.gpu > 0 and cluster.total_gpus <= 0:
             raise ResourceError(

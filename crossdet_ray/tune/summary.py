@@ -23,6 +23,7 @@ from tabulate import tabulate
 from crossdet_ray.engine.json_files import dumps_json
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.run_files import (EPOCH_LOG, FINAL_SUMMARY_FILE, RUN_CONFIG_FILE,
+                                    SUMMARY_CSV_FILE, SUMMARY_PARQUET_FILE,
                                     TRAINING_CURVES_FILE)
 from crossdet_ray.tune.failures import (
     ANSI_ESCAPE,
@@ -508,10 +509,10 @@ def write_summary_files(run_storage: RunStorage, summary: dict[str, Any]) -> Non
     run_storage.write_text(FINAL_SUMMARY_FILE, dumps_json(summary))
     frame = pd.DataFrame(summary["results"], columns=list(SUMMARY_COLUMNS))
     frame["resources"] = frame["resources"].map(lambda r: json.dumps(r) if r else None)
-    run_storage.write_text("summary.csv", frame.to_csv(index=False))
+    run_storage.write_text(SUMMARY_CSV_FILE, frame.to_csv(index=False))
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
-    run_storage.write_bytes("summary.parquet", buffer.getvalue())
+    run_storage.write_bytes(SUMMARY_PARQUET_FILE, buffer.getvalue())
     if curves is not None and len(curves):
         run_name = posixpath.basename(run_storage.root)
         run_storage.write_bytes(TRAINING_CURVES_FILE, _curves_png(curves, run_name))
