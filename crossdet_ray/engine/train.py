@@ -127,7 +127,9 @@ class TrainingListener(Protocol):
 
     def on_batch_end(self, metrics: BatchMetrics) -> None: ...
 
-    def on_epoch_end(self, metrics: EpochMetrics, checkpoint: dict[str, Any]) -> None: ...
+    # Every worker's listener hears each epoch end; `checkpoint` is None on a data-parallel
+    # worker other than the main one, whose listener hears no on_train_end either.
+    def on_epoch_end(self, metrics: EpochMetrics, checkpoint: dict[str, Any] | None) -> None: ...
 
     def on_train_end(self, summary: TrainingSummary, checkpoint: dict[str, Any]) -> None: ...
 
@@ -585,6 +587,9 @@ def fit(
         metrics = run_epoch(training, progress, epoch, loaders, listener, train_model,
                             clock_start)
         if not group.is_main:
+            # The other workers hold no checkpoint; their listener may keep step with the
+            # main worker's (Ray Train's reports are collective).
+            listener.on_epoch_end(metrics, None)
             continue
         checkpoint = training.checkpoint(epoch, metrics.avg_loss, progress)
         logger.info("%s epoch %d/%d: loss %.4f, lr %g, %.1fs, %.2f img/s, mAP %s", backbone,

@@ -1,15 +1,16 @@
 """A trial with several data-parallel workers: Ray Train's TorchTrainer inside the Tune trial.
 
-The trial process (a Tune function trial) launches W workers with Ray Train (Train V2, as
-Ray's docs show for Tune + Train): NCCL on GPUs, gloo on the CPU, each worker one whole GPU or
-its share of the trial's CPUs. Ray Train makes the process group; `prepare_model` wraps the
+The trial process (a Tune function trial) launches W workers with Ray Train (Train V2), as
+Ray's guide to Train inside Tune shows: NCCL on GPUs, gloo on the CPU, each worker one whole GPU
+or its share of the trial's CPUs. Ray Train makes the process group; `prepare_model` wraps the
 detector in DistributedDataParallel and `prepare_data_loader` gives each worker its part of
 every epoch. The training loop is the engine's `fit`, unchanged but for its `WorkerGroup`.
 
-Only the main worker (rank 0) writes the seed files and checkpoints. It announces each
-committed epoch through an `EpochRelay` to this trial process, which `tune.report`s it with
-the pointer checkpoint and answers only then, so the worker writes the epoch's rows after Tune
-has the checkpoint: the same commit order as a one-worker trial (engine/run_logs.py).
+Only the main worker (rank 0) writes the seed files and checkpoints. Each committed epoch is
+`ray.train.report`ed by every worker (Ray Train's reports are collective; the others report
+nothing of their own) and Ray Train's `TuneReportCallback` hands rank 0's metrics to this
+trial's Tune session. Tune then holds each epoch's metrics but no checkpoint of its own: a
+restarted trial resumes from the seed files, which the main worker wrote before reporting.
 
 Failures: Ray Train itself never retries (its FailureConfig is 0); a lost or killed worker
 fails the TorchTrainer, hence the Tune trial, and Tune's `--max-failures` restarts the trial,
@@ -20,10 +21,9 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import threading
 import time
 import warnings
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -31,7 +31,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.util.queue import Empty, Queue
 
 from crossdet_ray.config import TrainConfig
 from crossdet_ray.engine.host_memory import retain_freed_host_memory
@@ -39,7 +38,7 @@ from crossdet_ray.engine.parallel import WorkerGroup
 from crossdet_ray.engine.run_logs import ResumePoint
 from crossdet_ray.engine.storage import RunStorage
 from crossdet_ray.engine.train import NullListener, TrainingStopped, fit
-from crossdet_ray.tune.reporter import TrialReporter, announce_to_tune
+from crossdet_ray.tune.reporter import TrialReporter
 from crossdet_ray.tune.resources import TrialResources, torch_threads_for
 from crossdet_ray.tune.run_control import TrialControl
 from crossdet_ray.tune.trial_runtime import (dataset_for_trial, run_fit, this_process, trial_device,
@@ -47,110 +46,74 @@ from crossdet_ray.tune.trial_runtime import (dataset_for_trial, run_fit, this_pr
 
 logger = logging.getLogger(__name__)
 
-RELAY_POLL_SECONDS = 0.5
+
+def report_through_train(metrics: dict[str, Any], pointer: dict[str, Any]) -> None:
+    """The main worker's report of a committed epoch (from its commit thread): to Ray Train,
+    whose TuneReportCallback passes it on to Tune. The seed checkpoint it names is already on
+    storage; a restart finds it there."""
+    ray.train.report(metrics)
 
 
-@dataclass
-class RelayClient:
-    """The main worker's end of the relay: picklable, it travels in the loop's config."""
-
-    requests: Queue
-    replies: Queue
-
-    def announce(self, metrics: dict[str, Any], pointer: dict[str, Any]) -> None:
-        """Tell Tune of a committed epoch; returns once Tune has registered it."""
-        self.requests.put(("epoch", metrics, pointer))
-        status, message = self.replies.get()
-        if status != "ok":
-            raise RuntimeError(f"the trial process could not report epoch {pointer['epoch']} "
-                               f"to Tune: {message}")
-
-    def stopped(self) -> None:
-        """Training stopped on request (Ctrl-C): the trial should wait for Tune, not finish."""
-        self.requests.put(("stopped", None, None))
-
-
-class EpochRelay:
-    """The trial process's end: a thread that reports the main worker's epochs to Tune."""
+class PeerReports(NullListener):
+    """A worker other than the main one: joins each epoch's collective `ray.train.report`,
+    from a thread of its own, as the main worker reports from its commit thread: training
+    never waits for the main worker's checkpoint write."""
 
     def __init__(self):
-        # Zero CPUs: the queues must never wait for (or take) a slot the workers need.
-        options = {"num_cpus": 0}
-        self.client = RelayClient(Queue(actor_options=options), Queue(actor_options=options))
-        self.stop_requested = False
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="epoch-relay", daemon=True)
+        self._reports = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peer-report")
+        self._last: Future | None = None
 
-    def __enter__(self) -> "EpochRelay":
-        self._thread.start()
-        return self
+    def on_epoch_end(self, metrics, checkpoint) -> None:
+        self._last = self._reports.submit(ray.train.report, {})
 
-    def __exit__(self, *exc_info) -> None:
-        self._done.set()  # the workers are gone: serve what they left, then end
-        self._thread.join(timeout=30)
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                kind, metrics, pointer = self.client.requests.get(timeout=RELAY_POLL_SECONDS)
-            except Empty:
-                if self._done.is_set():
-                    return
-                continue
-            except ray.exceptions.RayError:
-                return  # the queue is gone: the trial is ending
-            if kind == "stopped":
-                self.stop_requested = True
-                continue
-            try:
-                announce_to_tune(metrics, pointer)
-            except BaseException as error:  # SystemExit: Tune ended the trial after the report
-                self.client.replies.put(("error", f"{type(error).__name__}: {error}"))
-                raise
-            self.client.replies.put(("ok", None))
+    def wait(self) -> None:
+        """Return once this worker's last report is taken (the main worker's is then too)."""
+        if self._last is not None:
+            self._last.result()
+        self._reports.shutdown()
 
 
 def train_with_workers(config: dict[str, Any], train_config: TrainConfig,
                        resources: TrialResources, trial_storage: RunStorage,
-                       resume: ResumePoint, trial_id: str, entered_at: float) -> bool:
+                       resume: ResumePoint, control: TrialControl, entered_at: float) -> bool:
     """Train on `resources.workers` Ray Train workers; False when stopped on request."""
     from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
 
     trial = config["trial"]
     use_gpu = resources.gpu > 0
     worker = resources.worker_bundle()
-    with EpochRelay() as relay:
-        loop_config = {
-            "trial_config": config, "train": train_config.to_dict(), "storage": trial_storage,
-            "resume_relative": resume.relative, "log_entry": resume.log_entry,
-            "unreadable": resume.unreadable, "trial_id": trial_id, "relay": relay.client,
-            "threads": torch_threads_for(worker["CPU"]), "use_gpu": use_gpu,
-            "entered_at": entered_at,
-        }
-        trainer = TorchTrainer(
-            _worker_loop,
-            train_loop_config=loop_config,
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=resources.workers, use_gpu=use_gpu,
-                resources_per_worker={k: v for k, v in worker.items()}),
-            run_config=ray.train.RunConfig(
-                # Ray Train's own run state only (our files are the main worker's): kept on
-                # the trial's node, out of the run directory.
-                name=f"{trial['name']}_{trial_id}_{int(time.time())}",
-                storage_path=tempfile.gettempdir() + "/crossdet_ray_train",
-                failure_config=ray.train.FailureConfig(max_failures=0),
-                # Ray Train routes every print() of its workers to its logger, past the
-                # engine's redirect of pycocotools' progress: keep print() as it is.
-                worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
-        )
-        logger.info("%s: training on %d data-parallel workers (%s each)", trial["name"],
-                    resources.workers, worker)
-        trainer.fit()
-    return not relay.stop_requested
+    loop_config = {
+        "trial_config": config, "train": train_config.to_dict(), "storage": trial_storage,
+        "resume_relative": resume.relative, "log_entry": resume.log_entry,
+        "unreadable": resume.unreadable, "trial_id": control.trial_id,
+        "threads": torch_threads_for(worker["CPU"]), "use_gpu": use_gpu,
+        "entered_at": entered_at,
+    }
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources.workers, use_gpu=use_gpu,
+            resources_per_worker={k: v for k, v in worker.items()}),
+        run_config=ray.train.RunConfig(
+            # Ray Train's own run state only (our files are the main worker's): kept on the
+            # trial's node, out of the run directory.
+            name=f"{trial['name']}_{control.trial_id}_{int(time.time())}",
+            storage_path=tempfile.gettempdir() + "/crossdet_ray_train",
+            failure_config=ray.train.FailureConfig(max_failures=0),
+            callbacks=[TuneReportCallback()],
+            # Ray Train routes every print() of its workers to its logger, past the
+            # engine's redirect of pycocotools' progress: keep print() as it is.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+    )
+    logger.info("%s: training on %d data-parallel workers (%s each)", trial["name"],
+                resources.workers, worker)
+    trainer.fit()
+    return not control.stop_requested()
 
 
 def _placement(use_gpu: bool) -> dict[str, Any]:
-
     context = ray.train.get_context()
     where = {"rank": context.get_world_rank(), "local_rank": context.get_local_rank(),
              **this_process()}
@@ -174,7 +137,6 @@ def ray_worker_group(device: torch.device) -> WorkerGroup:
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: the engine's fit on its share of each global batch."""
-
     config = loop_config["trial_config"]
     trial = config["trial"]
     train_config = TrainConfig.from_dict(loop_config["train"])
@@ -195,14 +157,15 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     data_dir, fetched = dataset_for_trial(config, storage, None, None)
 
     if not group.is_main:
+        peer = PeerReports()
         try:
-            fit(train_config, trial["backbone"], data_dir, listener=NullListener(),
+            fit(train_config, trial["backbone"], data_dir, listener=peer,
                 resume_from=resume_from, device=device, group=group)
         except TrainingStopped:
-            pass  # the main worker stopped at this same batch and tells the trial process
+            return  # the main worker stopped at this same batch; Tune ends the trial
+        peer.wait()
         return
 
-    relay: RelayClient = loop_config["relay"]
     writer = trial_writer(config, storage, train_config, {
         **placements[0], "torch_threads": torch.get_num_threads(),
         "host_memory_retained": retained,
@@ -216,10 +179,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         writer.info["unreadable_checkpoints"] = loop_config["unreadable"]
     control = TrialControl(config.get("run_control"), loop_config["trial_id"])
     control.watch_for_stop(writer.close_for_stop)
-    finished = run_fit(
-        lambda: fit(train_config, trial["backbone"], data_dir,
-                    listener=TrialReporter(writer, announce=relay.announce),
-                    resume_from=resume_from, device=device, group=group),
-        writer, control, trial["name"])
-    if not finished:
-        relay.stopped()
+    run_fit(lambda: fit(train_config, trial["backbone"], data_dir,
+                        listener=TrialReporter(writer, announce=report_through_train),
+                        resume_from=resume_from, device=device, group=group),
+            writer, control, trial["name"])

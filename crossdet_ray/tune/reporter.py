@@ -71,7 +71,7 @@ def announce_to_tune(metrics: dict[str, Any], pointer: dict[str, Any]) -> None:
 
 
 # Tells Tune of a committed epoch: (metrics, pointer). In a trial it is `announce_to_tune`; in
-# a data-parallel trial's main worker, a relay to the trial process (tune/data_parallel.py).
+# a data-parallel trial's main worker, a report to Ray Train (tune/data_parallel.py).
 Announce = Callable[[dict[str, Any], dict[str, Any]], None]
 
 

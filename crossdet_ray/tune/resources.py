@@ -23,7 +23,7 @@ class ResourceError(ValueError):
     """A resource request that is malformed or that the cluster can never satisfy."""
 
 
-# A data-parallel trial's own process only launches and relays: its workers do the training.
+# A data-parallel trial's own process only launches its workers, which do the training.
 DATA_PARALLEL_DRIVER_CPU = 0.1
 # What a trial holds of its node type's `gpu_memory_<N>gb` resource: a token amount that only
 # picks the node type (its GPUs, not this, limit how many trials share a node).

@@ -247,6 +247,15 @@ class TrialControl:
 
         threading.Thread(target=watch, name="stop-watcher", daemon=True).start()
 
+    def stop_requested(self) -> bool:
+        """Whether the driver asked the trials to stop (False without the actor)."""
+        if self.control is None:
+            return False
+        try:
+            return bool(ray.get(self.control.stop_requested.remote()))
+        except ray.exceptions.RayError:
+            return False
+
     def forbid_retry(self, timeout: float = NO_RETRY_WAIT_SECONDS) -> bool:
         """Ask the driver not to restart this trial when it fails next; True once confirmed."""
         if self.control is None:

@@ -8,7 +8,7 @@ reporter's.
 
 A trial with one worker trains in this process. A trial with several (`--workers-per-trial`)
 starts them with Ray Train (tune/data_parallel.py); its main worker then writes the files and
-this process relays its epochs to Tune.
+Ray Train reports its epochs to this trial's Tune session.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def train_backbone(config: dict[str, Any]) -> None:
         from crossdet_ray.tune.data_parallel import train_with_workers
 
         finished = train_with_workers(config, train_config, resources, trial_storage, resume,
-                                      trial_id, entered_at)
+                                      control, entered_at)
     else:
         finished = _train_here(config, train_config, resources, trial_storage, resume, control,
                                entered_at)

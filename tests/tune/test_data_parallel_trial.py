@@ -3,7 +3,8 @@
     all_backbones.py --backbones test_mit --gpus-per-trial 0 --workers-per-trial 2 --batch-size 4
 
 One 3-epoch run, interrupted twice, then checked for what every 2-worker trial must leave (one
-set of seed files, written by rank 0 only; two placements; weights in the plain layout):
+set of seed files, written by rank 0 only; two placements; weights in the plain layout; its
+epochs in Tune's results, reported through Ray Train):
 - a worker SIGKILLed after epoch 1 is logged, with --max-failures 1: Tune restarts the trial,
   whose new workers resume from epoch 1's checkpoint;
 - then the driver SIGKILLed after the restarted trial logged epoch 2, as a lost head process
@@ -165,6 +166,20 @@ def test_one_set_of_seed_files_written_by_rank_0_only(finished_trial):
     for row in epoch_rows(finished_trial):
         counted = float(row["images_per_sec"]) * float(row["epoch_time_sec"])
         assert counted == pytest.approx(per_worker * WORKERS, rel=1e-6)
+
+
+def test_tune_holds_each_epoch_rank_0_reported_through_ray_train(finished_trial):
+    """The main worker's epochs reach the trial's Tune results by Ray Train's own reporting
+    (TuneReportCallback): the metrics its epoch rows hold, the last from the resumed run."""
+    from ray import tune
+
+    (tune_trial,) = tune.ExperimentAnalysis(str(finished_trial.parent)).trials
+    rows = {int(r["epoch"]): float(r["avg_loss"]) for r in epoch_rows(finished_trial)}
+    last = tune_trial.last_result
+    assert last["epoch"] == EPOCHS
+    assert last["avg_loss"] == pytest.approx(rows[EPOCHS], rel=1e-9)
+    # Metrics only: a restarted trial finds its checkpoint in the seed files.
+    assert "checkpoint_path" not in last and tune_trial.checkpoint is None
 
 
 def test_the_checkpoint_has_the_plain_detectors_layout(finished_trial):
