@@ -44,22 +44,29 @@ def restored_run_config(tuner) -> Any | None:
 def set_trial_retries(trial, max_failures: int) -> None:
     """Set how often Tune restarts `trial` (0: the next failure is final). Why: a failure a
     restart cannot mend (a full disk, damaged checkpoints, a GPU CUDA cannot see) must not use
-    up --max-failures' restarts, and Tune's FailureConfig is one number for every trial."""
+    up --max-failures' restarts, and Tune's FailureConfig is one number for every trial. The
+    public alternative, a trial that returns instead of raising, ends TERMINATED, and
+    `Tuner.restore` never restarts a terminated trial: "free space, then --resume" would
+    not train it again."""
     trial.max_failures = max_failures
 
 
 # -- stopping ---------------------------------------------------------------------------------
 def stop_tune_gracefully() -> None:
     """End `Tuner.fit()`'s loop as Tune's own first Ctrl-C does: the experiment state saved,
-    unfinished trials resumable. Why: Tune has no public call to stop a running fit from a
-    callback; its handler for SIGUSR1 is that graceful stop."""
+    unfinished trials resumable. SIGUSR1 is Tune's documented graceful stop ("Ray Tune also
+    accepts the SIGUSR1 signal to interrupt training gracefully", its guide to stopping and
+    resuming runs); it is here because it signals this very process, from a callback, for
+    which Tune has no call."""
     os.kill(os.getpid(), signal.SIGUSR1)
 
 
 @contextmanager
 def tune_sigint_handler_disabled() -> Iterator[None]:
     """Keep Tune from installing its own SIGINT handler during `fit()` (ours drains the
-    trials' checkpoints first). Why: Tune replaces any handler unless this switch is set."""
+    trials' checkpoints first). Why: Tune replaces any handler unless this switch, documented
+    in Tune's environment-variable reference, is set; it is a process-wide setting, so it is
+    set only while `fit()` runs."""
     previous = os.environ.get(TUNE_SIGINT_SWITCH)
     os.environ[TUNE_SIGINT_SWITCH] = "1"
     try:
