@@ -2,8 +2,8 @@
 
 Three parts:
 
-* `classify_failure`: Tune's error (an exception, or the text of Tune's error file) ->
-  a `Failure` (kind, one-line reason, advice). Out of memory is named as such whether Ray's
+* `classify_failure`: Tune's error (an exception, read by its type where Ray and torch give
+  one, or else the text of Tune's error file) -> a `Failure` (kind, one-line reason, advice). Out of memory is named as such whether Ray's
   memory monitor, CUDA or the host allocator reported it.
 * `tune_verdicts` / `record_trial_failure`: after `tuner.fit()`, every trial Tune ended in
   ERROR gets Tune's full error text in `logs/error.txt` and a `training_info.json` that says
@@ -156,7 +156,8 @@ def _classify_one(error: BaseException | str | None,
             module = type(link).__module__
             if isinstance(link, OutOfMemoryNotRetried) or name == NOT_RETRIED_MARK:
                 return _not_retried(train)
-            if module.startswith("ray") and name == "OutOfMemoryError":
+            if isinstance(link, ray.exceptions.OutOfMemoryError) or (
+                    module.startswith("ray") and name == "OutOfMemoryError"):  # another Ray's
                 return _memory_monitor(train)
             if name == "OutOfMemoryError" or GPU_MEMORY.search(str(link)):
                 return _gpu_memory(train)  # torch.OutOfMemoryError is CUDA's (and HIP's)
@@ -164,6 +165,13 @@ def _classify_one(error: BaseException | str | None,
                 return _disk_full(str(link))
             if isinstance(link, MemoryError):
                 return _host_memory(train)
+            if isinstance(link, (ray.exceptions.ActorDiedError,
+                                 ray.exceptions.WorkerCrashedError)):
+                # The process is gone; whether Ray's memory monitor did it is in its message.
+                return (_memory_monitor(train) if RAY_MEMORY_MONITOR.search(str(link))
+                        else _killed(train))
+    # Text: Tune's error.txt where no exception object is left (a trial errored under an
+    # earlier driver, or pickled by another Ray), or an exception's message.
     if NOT_RETRIED_MARK in text:
         return _not_retried(train)
     if RAY_MEMORY_MONITOR.search(text):
@@ -175,10 +183,7 @@ def _classify_one(error: BaseException | str | None,
     if HOST_MEMORY.search(text):
         return _host_memory(train)
     if PROCESS_KILLED.search(text):
-        return Failure(KILLED, "the trial's process died abruptly (killed, e.g. by the kernel's "
-                       "out-of-memory killer, or crashed)",
-                       "if `dmesg` on its node shows an out-of-memory kill, "
-                       + oom_advice(train))
+        return _killed(train)
     return Failure(ERROR, headline(text) or "failed without an error message")
 
 
@@ -207,6 +212,12 @@ def _gpu_memory(train):
 def _host_memory(train):
     return Failure(OUT_OF_MEMORY, "out of memory (the trial could not allocate host memory)",
                    oom_advice(train))
+
+
+def _killed(train):
+    return Failure(KILLED, "the trial's process died abruptly (killed, e.g. by the kernel's "
+                   "out-of-memory killer, or crashed)",
+                   "if `dmesg` on its node shows an out-of-memory kill, " + oom_advice(train))
 
 
 def _not_retried(train):
