@@ -1,11 +1,13 @@
 """A run whose data and directory live in S3 (a real S3-compatible server, moto's, on
-127.0.0.1): interrupted, resumed, and ended with its evaluation report in the bucket."""
+127.0.0.1): interrupted (SIGTERM, then Ctrl-C), resumed, and ended with its evaluation report
+in the bucket."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
 import signal
 
 import pytest
@@ -37,11 +39,16 @@ def test_run_and_resume_with_data_and_run_directory_in_s3(s3_server, tiny_datase
     driver = start(args, tmp_path, "first")
     try:
         # The trigger is the log row itself: a row promises its epoch is safe.
-        # SIGTERM, as `ray job stop` sends: drained as Ctrl-C is (the crash tests send that).
+        # SIGTERM, as `ray job stop` sends (drained as Ctrl-C once is: the crash tests' run),
+        # then Ctrl-C before the drain can end: a second signal stops at once. (Two different
+        # signals: two of the same may reach the process as one.)
         signal_once_logged(driver, lambda: len(logged_epochs()), 1, signal.SIGTERM)
+        os.kill(driver.pid, signal.SIGINT)
         assert driver.wait(timeout=180) == 143, driver.stderr[-3000:]
     finally:
         driver.kill()
+    assert "letting every trial finish" in driver.stderr
+    assert "again: stopping now" in driver.stderr, driver.stderr[-3000:]
     assert "--resume" in driver.stderr
     first_summary = json.loads(s3_server.text(prefix + "final_summary.json"))
     assert first_summary["interrupted"] is True
