@@ -20,7 +20,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as functional_collectives
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -81,9 +80,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the whole global batch, over every
     data-parallel worker, as on one process holding the whole batch.
 
-    torch's SyncBatchNorm does this on GPUs only; this one uses torch.distributed's
-    differentiable (functional) all-reduce, so it works on any backend (gloo on the CPU,
-    NCCL). The backward all-reduce sends each worker's share of the statistics' gradient to
+    torch's SyncBatchNorm does this on GPUs only; this one uses a differentiable all-reduce
+    (`_SumOverWorkers`), so it works on any backend (gloo on the CPU, NCCL). The backward all-reduce sends each worker's share of the statistics' gradient to
     every worker, and DDP's gradient mean then gives the one-process gradient. Outside training (evaluation on
     the main worker alone) it is a plain BatchNorm2d; its parameters, buffers and state-dict
     keys are BatchNorm2d's, so checkpoints load into the plain model.
@@ -140,10 +138,29 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         return module
 
 
+class _SumOverWorkers(torch.autograd.Function):
+    """y = the sum of every worker's x. Each worker's loss uses its own copy of y, so the
+    gradient of the total loss with respect to a worker's x is the sum of every worker's
+    gradient of y: an all-reduce again. Written out (not torch's functional collectives, whose
+    all-reduce has no backward before torch 2.14, which silently dropped the statistics'
+    gradient there)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        summed = tensor.clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        summed = grad.contiguous().clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed
+
+
 def _summed(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of `tensor` over every worker; its gradient is the sum of theirs (autograd)."""
-    return functional_collectives.wait_tensor(
-        functional_collectives.all_reduce(tensor, "sum", dist.group.WORLD))
+    """The sum of `tensor` over every worker; its gradient is the sum of theirs."""
+    return _SumOverWorkers.apply(tensor)
 
 
 def _device_of(module: nn.Module) -> torch.device:
