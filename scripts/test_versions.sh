@@ -21,7 +21,13 @@ names=$(printf '%s\n' "${pins[@]}" | sed -E 's/[[<>=!~; ].*//' | tr 'A-Z_' 'a-z-
 grep -v -i -E "^($(echo $names | tr ' ' '|'))([<>=!~; []|$)" constraints.txt > "$others"
 # The project without its declared bounds (a set may lie outside them: that is the question),
 # its other dependencies and test tools at constraints.txt's pins.
-"$venv/bin/python" -m pip install --quiet "${pins[@]}" -r "$others"
+# Ray's and moto's extras (the dashboard, Tune; the S3 test server): constraints.txt pins
+# only the packages' versions.
+"$venv/bin/python" -m pip install --quiet "${pins[@]}" -r "$others" "ray[tune,default]" \
+    "moto[server]"
 "$venv/bin/python" -m pip install --quiet --no-deps -e .
 "$venv/bin/python" -c "import ray, torch, torchvision; print('testing on ray', ray.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__)"
-exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
+# Deselected: the one test whose premise is a venv holding constraints.txt's pins (a node
+# image baked from them downloads nothing), which a venv of other versions is not.
+exec "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+    --deselect tests/test_cluster_yaml.py::test_a_node_whose_image_holds_the_pins_downloads_nothing "$@"
