@@ -81,8 +81,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     data-parallel worker, as on one process holding the whole batch.
 
     torch's SyncBatchNorm does this on GPUs only; this one uses a differentiable all-reduce
-    (`_SumOverWorkers`), so it works on any backend (gloo on the CPU, NCCL). The backward all-reduce sends each worker's share of the statistics' gradient to
-    every worker, and DDP's gradient mean then gives the one-process gradient. Outside training (evaluation on
+    (`_SumOverWorkers`), so it works on any backend (gloo on the CPU, NCCL). The backward
+    all-reduce sends each worker's share of the statistics' gradient to every worker, and
+    DDP's gradient mean then gives the one-process gradient. Outside training (evaluation on
     the main worker alone) it is a plain BatchNorm2d; its parameters, buffers and state-dict
     keys are BatchNorm2d's, so checkpoints load into the plain model.
     """
@@ -141,9 +142,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 class _SumOverWorkers(torch.autograd.Function):
     """y = the sum of every worker's x. Each worker's loss uses its own copy of y, so the
     gradient of the total loss with respect to a worker's x is the sum of every worker's
-    gradient of y: an all-reduce again. Written out (not torch's functional collectives, whose
-    all-reduce has no backward before torch 2.14, which silently dropped the statistics'
-    gradient there)."""
+    gradient of y: an all-reduce again. Written out, not torch's functional all-reduce: in
+    torch 2.9 that has no backward, and the statistics' gradient was silently dropped."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:

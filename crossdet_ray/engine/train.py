@@ -555,8 +555,9 @@ def fit(
 
     `group`: this process is one of several data-parallel workers (see engine/parallel.py).
     Every worker resumes from the same checkpoint and trains on its share of each global
-    batch; only the main worker evaluates and tells `listener` anything beyond batch ends
-    (the others should pass a NullListener).
+    batch; only the main worker evaluates, and only its `listener` hears a checkpoint and the
+    end of training (the others' hear batch and epoch ends: a NullListener, or one that keeps
+    step with the main worker's).
     """
     group = group or single_process()
     listener = listener or NullListener()

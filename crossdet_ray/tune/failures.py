@@ -3,8 +3,9 @@
 Three parts:
 
 * `classify_failure`: Tune's error (an exception, read by its type where Ray and torch give
-  one, or else the text of Tune's error file) -> a `Failure` (kind, one-line reason, advice). Out of memory is named as such whether Ray's
-  memory monitor, CUDA or the host allocator reported it.
+  one, or else the text of Tune's error file) -> a `Failure` (kind, one-line reason, advice).
+  Out of memory is named as such whether Ray's memory monitor, CUDA or the host allocator
+  reported it.
 * `tune_verdicts` / `record_trial_failure`: after `tuner.fit()`, every trial Tune ended in
   ERROR gets Tune's full error text in `logs/error.txt` and a `training_info.json` that says
   `failed` (a trial killed before or while training never wrote that itself).

@@ -211,7 +211,9 @@ class _TokenWarningFilter(logging.Filter):
 
 
 def quiet_console() -> None:
-    """No colour codes in logs that are not a terminal; Ray's token notice said our way."""
+    """No colour codes in logs that are not a terminal; Ray's token notice said our way;
+    Tune's console quiet, so that our progress lines are the console."""
+    use_quiet_tune_console()
     if not sys.stderr.isatty():
         os.environ["RAY_COLOR_PREFIX"] = "0"  # read by Ray's log printer in this process
     token_logger = logging.getLogger(RAY_TOKEN_NOTICE_LOGGER)
@@ -684,7 +686,6 @@ def _resume(config: LaunchConfig) -> RunOutcome:
 def progress_lines(config: LaunchConfig, data: dict[str, Any],
                    run_storage: RunStorage) -> list[TrialLinesReporter]:
     """The console's one line per trial (a Tune callback), unless --verbose 0."""
-    use_quiet_tune_console()
     if config.verbose < 1:
         return []
     workload = workload_of(config.train, data)

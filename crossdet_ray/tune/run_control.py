@@ -233,11 +233,8 @@ class TrialControl:
             return
 
         def watch() -> None:
-            while True:
-                try:
-                    if ray.get(self.control.stop_requested.remote()):
-                        break
-                except ray.exceptions.RayError:
+            while not (asked := self._ask_stop_requested()):
+                if asked is None:
                     return  # the driver is gone; Tune's own shutdown takes over
                 time.sleep(POLL_SECONDS)
             try:
@@ -249,12 +246,14 @@ class TrialControl:
 
     def stop_requested(self) -> bool:
         """Whether the driver asked the trials to stop (False without the actor)."""
-        if self.control is None:
-            return False
+        return self.control is not None and bool(self._ask_stop_requested())
+
+    def _ask_stop_requested(self) -> bool | None:
+        """The driver's answer; None when its control actor is gone."""
         try:
             return bool(ray.get(self.control.stop_requested.remote()))
         except ray.exceptions.RayError:
-            return False
+            return None
 
     def forbid_retry(self, timeout: float = NO_RETRY_WAIT_SECONDS) -> bool:
         """Ask the driver not to restart this trial when it fails next; True once confirmed."""

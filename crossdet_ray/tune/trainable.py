@@ -65,7 +65,7 @@ def train_backbone(config: dict[str, Any]) -> None:
     trial_storage = RunStorage(storage.storage_filesystem, storage.trial_fs_path)
     trial_id = tune.get_context().get_trial_id()
     control = TrialControl(config.get("run_control"), trial_id)
-    # After an out-of-memory kill, a retry waits for memory to free (or is not made at all).
+    # After an out-of-memory kill while it ran alone, a retry would be killed again: none.
     refuse_hopeless_memory_retry(trial_storage, forbid_retry=control.forbid_retry)
     tune_checkpoint = tune.get_checkpoint()
     announced = read_checkpoint_pointer(tune_checkpoint) if tune_checkpoint is not None else None

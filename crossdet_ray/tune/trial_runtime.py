@@ -143,10 +143,8 @@ def run_fit(train: Callable[[], Any], writer: SeedLogWriter, control: TrialContr
     return True
 
 
-# Ray logs "Checkpoint successfully created at: ..." at every epoch of every trial; our own
-# progress lines already say each epoch ended, and epoch_metrics.csv where its file is.
-
-
 def quiet_checkpoint_notices() -> None:
+    """Ray logs "Checkpoint successfully created at: ..." at every epoch of every trial; our
+    own progress lines already say each epoch ended, and epoch_metrics.csv where its file is."""
     for name in RAY_CHECKPOINT_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
